@@ -1,0 +1,138 @@
+"""Overhead of `dyf forecast` around the network calls it makes.
+
+    .venv/bin/python benchmarks/sampler_overhead.py [--grid 32x32] [--members 8] [--horizon 8]
+                                                    [--inits 8] [--threads 1] [--dim 32]
+
+Builds a dated data store and an untrained tiny-preset DYffusion checkpoint (network width `--dim`),
+then times `forecast.run_forecast` (everything: checkpoint and store loading, schema creation, the block
+loop, writing, completion) and, separately, one interpolator call and one forecaster call at the same
+batch (`--members` rows, MC dropout masks included, as the sampler calls them). Prints
+
+    overhead = forecast wall time / (forecaster calls x t_F + interpolator calls x t_I)
+
+where the call counts are the batched calls the forecast made. The target is <= 1.10 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def build_checkpoint(store, path: Path, dim: int) -> Path:
+    import torch
+
+    from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
+    from dyfcli.config import load_config
+    from dyfcli.data import Normalizer
+    from dyfcli.model import forecaster_channels, interpolator_channels
+    from dyfcli.networks import build_network
+
+    torch.manual_seed(0)
+    config = load_config("tiny", [f"interpolator.network.hyper.dim={dim}", f"forecaster.network.hyper.dim={dim}"])
+    fields, conditions = len(store.fields), len(store.cond_names)
+    interpolator = build_network(config.interpolator.network.kind, **interpolator_channels(fields, conditions),
+                                 **config.interpolator.network.build_arguments())
+    forecaster = build_network(config.forecaster.network.kind,
+                               **forecaster_channels(fields, conditions, config.forecaster.forward_conditioning),
+                               **config.forecaster.network.build_arguments())
+    common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
+                  cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
+                  store=store_identity(store))
+    inner = Checkpoint(kind="interpolator", state_dict=interpolator.state_dict(), **common)
+    save_checkpoint(path, Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner,
+                                     **common))
+    return path
+
+
+def time_calls(model, store, members: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one interpolator and one forecaster call at batch `members` (no_grad, CPU)."""
+    import torch
+
+    from dyfcli.noise import MemberNoise
+
+    ny, nx = store.grid
+    channels = len(store.fields)
+    x0 = torch.randn(members, channels, ny, nx)
+    xh = torch.randn(members, channels, ny, nx)
+    noise = MemberNoise.for_members(0, list(range(members)))
+    time_in = torch.full((members,), 1.5)
+    step = torch.full((members,), 3.0)
+
+    def median(call) -> float:
+        for _ in range(3):
+            call()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    with torch.no_grad():
+        model.forecaster.eval()
+        t_interpolator = median(lambda: model.interpolate(x0, xh, time_in, noise.fold(1), None))
+        t_forecaster = median(lambda: model.forecast(x0, time_in, step, x0, noise.fold(2), None))
+    return t_interpolator, t_forecaster
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default="32x32")
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--horizon", type=int, default=8, help="lead times (the tiny model's h is 4)")
+    parser.add_argument("--inits", type=int, default=8, help="initial times per series (4 series)")
+    parser.add_argument("--dim", type=int, default=32, help="network width")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+
+    import torch
+
+    from dyfcli import forecast
+    from dyfcli.checkpoint import load_checkpoint
+    from dyfcli.store import open_store
+    from storefactory import make_store
+
+    torch.set_num_threads(args.threads)
+    ny, nx = (int(n) for n in args.grid.split("x"))
+    folder = Path(tempfile.mkdtemp(prefix="dyf-bench-forecast-"))
+    steps = 3 * (args.inits + args.horizon)  # the test split is the last third
+    store = open_store(make_store(folder / "data.zarr", dated=True, steps=steps, grid=(ny, nx), series=4))
+    ckpt = build_checkpoint(store, folder / "model.pt", args.dim)
+    request = forecast.ForecastRequest(checkpoint=ckpt, out=folder / "forecast.zarr", horizon=args.horizon,
+                                       ensemble=args.members, data=store.path, seed=0, device="cpu")
+
+    start = time.perf_counter()
+    summary = forecast.run_forecast(request)
+    wall = time.perf_counter() - start
+
+    model = forecast.dyffusion_from_checkpoint(load_checkpoint(ckpt), torch.device("cpu"))
+    t_interpolator, t_forecaster = time_calls(model, store, args.members, args.repeats)
+    calls = model.network_calls("full")
+    batches = summary["blocks_written"] * summary["windows"]  # one member batch per block and window
+    network_seconds = batches * (calls.forecaster * t_forecaster + calls.interpolator * t_interpolator)
+    result = {
+        "grid": [ny, nx], "members": args.members, "horizon": args.horizon, "windows": summary["windows"],
+        "blocks": summary["blocks_written"], "threads": args.threads, "dim": args.dim,
+        "batched_calls": summary["batched_network_calls"],
+        "t_interpolator_ms": round(1e3 * t_interpolator, 3), "t_forecaster_ms": round(1e3 * t_forecaster, 3),
+        "forecast_wall_s": round(wall, 3), "network_s": round(network_seconds, 3),
+        "overhead": round(wall / network_seconds, 3),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"overhead = {result['overhead']} (target <= 1.10): forecast {wall:.2f} s for "
+          f"{summary['batched_network_calls']} batched calls x ~{1e3 * network_seconds / max(1, summary['batched_network_calls']):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Self-describing checkpoints (DESIGN §4): the only module that knows the checkpoint keys.
+
+A checkpoint file is `torch.save` of a plain dict (tensors, numbers, strings, lists, dicts), loadable with
+`torch.load(path, weights_only=True)`:
+
+    format          "dyf-checkpoint"
+    format_version  FORMAT_VERSION (an older dyf refuses a newer file)
+    kind            "interpolator" | "forecaster" | a baseline name ("dropout", "perturbation", "ddpm")
+    method          the training method that made it ("dyffusion" for both DYffusion stages, else the baseline)
+    config          the full resolved RunConfig as a nested dict
+    fields          channel order of the networks (the store's dyf_fields)
+    grid            [Y, X] of the training store
+    cond_names      the store's static conditioning variables, in channel order
+    normalizer      data.Normalizer.get_state(): the statistics the network was trained with
+    store           identity of the training store: path, normalisation mode, series count, stats hash
+    training        a summary of the run that made it (steps, best validation CRPS, ...)
+    dyf_version, torch_version
+    state_dict      the network weights (EMA weights when EMA was on)
+    interpolator    (forecaster only) the whole interpolator checkpoint dict, so model.pt alone forecasts
+
+Training state for resuming (optimizer, step, RNG states, current weights) lives in `<out>.state.pt`
+(`save_training_state` / `load_training_state`), never in the inference checkpoint. Every save is atomic:
+a temporary file next to the target, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dyfcli import __version__
+from dyfcli.errors import CheckpointError
+
+log = logging.getLogger("dyf")
+
+FORMAT = "dyf-checkpoint"
+FORMAT_VERSION = 1
+STATE_FORMAT = "dyf-training-state"
+DYFFUSION_KINDS = ("interpolator", "forecaster")
+BASELINE_KINDS = ("dropout", "perturbation", "ddpm")
+KINDS = DYFFUSION_KINDS + BASELINE_KINDS
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded (or about to be saved) checkpoint. `state_dict` maps parameter names to tensors."""
+
+    kind: str
+    method: str
+    config: dict[str, Any]
+    fields: list[str]
+    grid: tuple[int, int]
+    cond_names: list[str]
+    normalizer: dict[str, Any]
+    store: dict[str, Any]
+    state_dict: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    interpolator: Checkpoint | None = None
+    dyf_version: str = __version__
+    torch_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_payload(self) -> dict[str, Any]:
+        """The plain dict that goes to `torch.save`."""
+        import torch
+
+        return _plain({
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "method": self.method,
+            "config": self.config,
+            "fields": list(self.fields),
+            "grid": [int(n) for n in self.grid],
+            "cond_names": list(self.cond_names),
+            "normalizer": self.normalizer,
+            "store": self.store,
+            "training": self.training,
+            "dyf_version": self.dyf_version,
+            "torch_version": self.torch_version or torch.__version__,
+            "state_dict": self.state_dict,
+            "interpolator": self.interpolator.to_payload() if self.interpolator is not None else None,
+        })
+
+    @staticmethod
+    def from_payload(payload: dict[str, Any], source: str) -> Checkpoint:
+        """Validate a loaded dict; CheckpointError naming `source` when it is not a dyf checkpoint."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{source} is not a dyf checkpoint; give a file written by "
+                                  "`dyf train-interpolator` or `dyf train-forecaster`")
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(f"{source} has checkpoint format version {version!r}, this dyf reads up to "
+                                  f"{FORMAT_VERSION}; upgrade dyf")
+        missing = [key for key in ("kind", "method", "config", "fields", "grid", "cond_names", "normalizer",
+                                   "store", "state_dict") if key not in payload]
+        if missing:
+            raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is damaged, re-train it")
+        inner = payload.get("interpolator")
+        return Checkpoint(
+            kind=payload["kind"], method=payload["method"], config=payload["config"],
+            fields=list(payload["fields"]), grid=tuple(payload["grid"]), cond_names=list(payload["cond_names"]),
+            normalizer=payload["normalizer"], store=payload["store"], state_dict=payload["state_dict"],
+            training=payload.get("training") or {},
+            interpolator=Checkpoint.from_payload(inner, f"the interpolator inside {source}") if inner else None,
+            dyf_version=payload.get("dyf_version", "?"), torch_version=payload.get("torch_version", "?"),
+            format_version=version,
+        )
+
+    @property
+    def parameter_count(self) -> int:
+        return int(sum(t.numel() for name, t in self.state_dict.items() if _is_parameter(name, t)))
+
+
+def _plain(value: Any) -> Any:
+    """Only what `torch.load(weights_only=True)` accepts: str subclasses (torch.__version__) and numpy
+    scalars become plain Python values; tensors stay tensors."""
+    if isinstance(value, dict):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    for kind in (str, int, float):
+        if isinstance(value, kind):
+            return kind(value)
+    if hasattr(value, "item") and not hasattr(value, "is_floating_point"):  # a numpy scalar
+        return value.item()
+    return value
+
+
+def _is_parameter(name: str, tensor: Any) -> bool:
+    # BatchNorm statistics are buffers, not parameters; count floating tensors that are not running stats.
+    return hasattr(tensor, "is_floating_point") and tensor.is_floating_point() and "running_" not in name
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
+    """`torch.save` to a temporary file beside `path`, then rename: a crash never leaves a partial file."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    atomic_torch_save(checkpoint.to_payload(), path)
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist; check the path or train it first")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file; give the .pt file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what} {path} cannot be read ({first_line[:160]}); it is damaged or not a "
+                              "dyf checkpoint, re-train it or give another file") from None
+
+
+def load_checkpoint(path: Path, expect_kind: str | tuple[str, ...] | None = None) -> Checkpoint:
+    """Load and validate a checkpoint; CheckpointError (exit 5) when missing, damaged or of the wrong kind."""
+    checkpoint = Checkpoint.from_payload(_torch_load(path, "checkpoint"), str(path))
+    expected = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
+    if expected is not None and checkpoint.kind not in expected:
+        raise CheckpointError(f"{path} is a {checkpoint.kind} checkpoint, expected {' or '.join(expected)}"
+                              f"{_kind_hint(checkpoint.kind, expected)}")
+    return checkpoint
+
+
+def _kind_hint(found: str, expected: tuple[str, ...]) -> str:
+    if found == "interpolator":
+        return "; give the model.pt written by `dyf train-forecaster` (it embeds the interpolator)"
+    if "interpolator" in expected:
+        return "; give the file written by `dyf train-interpolator`"
+    return ""
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Save the resumable training state (optimizer, step, RNG, current weights) atomically."""
+    atomic_torch_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, **state}, path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    state = _torch_load(path, "training state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a dyf training state; delete it or pass --overwrite to start over")
+    return {key: value for key, value in state.items() if key not in ("format", "format_version")}
+
+
+def state_path(out: Path) -> Path:
+    """Where the training state of the run writing `out` lives: `<out>.state.pt`."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt")
+
+
+# ------------------------------------------------------------------------------------------------ stores
+
+def store_identity(store) -> dict[str, Any]:
+    """Identity of a data store (a `store.DataStore`): path, normalisation mode, sizes, hash of its stats."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in store.fields:
+        for stat in ("mean", "std"):
+            values = np.ascontiguousarray(store.ds[f"stats_{stat}_{name}"].values, dtype=np.float32)
+            digest.update(f"{stat}_{name}{values.shape}".encode())
+            digest.update(values.tobytes())
+    return {"path": str(Path(store.path).resolve()), "normalization": store.normalization,
+            "series": int(store.ds.sizes["series"]), "stats_sha256": digest.hexdigest()[:16]}
+
+
+def check_compatible(checkpoint: Checkpoint, store) -> None:
+    """Refuse a store whose fields, conditioning or (for per-pixel statistics) grid differ from training."""
+    if list(store.fields) != list(checkpoint.fields):
+        raise CheckpointError(f"the checkpoint was trained on fields {checkpoint.fields}, the store {store.path} "
+                              f"has {store.fields}; use a checkpoint trained on this kind of data")
+    if list(store.cond_names) != list(checkpoint.cond_names):
+        raise CheckpointError(f"the checkpoint expects conditioning {checkpoint.cond_names or 'none'}, the store "
+                              f"{store.path} has {store.cond_names or 'none'}; use a matching store")
+    if checkpoint.store.get("normalization", "global") != "global":
+        same_grid = tuple(store.grid) == tuple(checkpoint.grid)
+        same_series = int(store.ds.sizes["series"]) == int(checkpoint.store.get("series", -1))
+        if not (same_grid and same_series):
+            raise CheckpointError(
+                f"the checkpoint's per-pixel statistics cover {checkpoint.store.get('series')} series on a "
+                f"{tuple(checkpoint.grid)} grid, the store {store.path} has {int(store.ds.sizes['series'])} series "
+                f"on {tuple(store.grid)}; use the store it was trained on (or one prepared the same way)")
+    identity = store_identity(store)
+    if identity["stats_sha256"] != checkpoint.store.get("stats_sha256"):
+        log.warning("the store %s has other normalisation statistics than the training store %s; the "
+                    "checkpoint's own statistics are used", store.path, checkpoint.store.get("path"))
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+def describe(path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a checkpoint file for `dyf inspect`."""
+    checkpoint = load_checkpoint(Path(path))
+    summary = _summary(checkpoint)
+    summary = {"kind": "checkpoint", "path": str(path), "checkpoint_kind": checkpoint.kind, **summary}
+    if checkpoint.interpolator is not None:
+        summary["interpolator"] = {"kind": checkpoint.interpolator.kind, **_summary(checkpoint.interpolator)}
+    return summary
+
+
+def _summary(checkpoint: Checkpoint) -> dict[str, Any]:
+    config = checkpoint.config
+    stage = config.get("interpolator" if checkpoint.kind == "interpolator" else "forecaster", {})
+    return {
+        "method": checkpoint.method,
+        "fields": checkpoint.fields,
+        "grid": list(checkpoint.grid),
+        "conditioning": checkpoint.cond_names,
+        "horizon": config.get("data", {}).get("horizon"),
+        "network": stage.get("network", {}).get("kind"),
+        "parameters": checkpoint.parameter_count,
+        "training": checkpoint.training,
+        "store": checkpoint.store,
+        "format_version": checkpoint.format_version,
+        "dyf_version": checkpoint.dyf_version,
+        "torch_version": checkpoint.torch_version,
+    }

@@ -1,0 +1,64 @@
+"""`dyf evaluate FORECAST`: score a forecast store against its data store (DESIGN §6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dyfcli.cli.app import app, run_command
+
+TABLE_METRICS = ("crps", "crps_fair", "mse", "rmse", "spread", "ssr", "ssr_unbiased")
+
+
+def _format(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def render(summary: dict) -> str:
+    """A Rich table per field: rows are metrics, columns the forecast and references (mean over leads)."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=110, force_terminal=False, color_system=None)
+    leads = summary["lead_time"]
+    span = f"{leads[0]:g}-{leads[-1]:g} {summary['lead_time_units']}" if leads else ""
+    for field in summary["fields"]:
+        table = Table(title=f"{field}: mean over {len(leads)} lead times ({span}), "
+                            f"{summary['members']} members, {summary['blocks']} blocks")
+        table.add_column("metric")
+        table.add_column("forecast", justify="right")
+        table.add_column("first lead", justify="right")
+        table.add_column("last lead", justify="right")
+        for reference in summary["baselines"]:
+            table.add_column(reference, justify="right")
+        for metric in TABLE_METRICS:
+            scores = summary["scores"][field][metric]
+            row = [metric, _format(scores["mean"]), _format(scores["per_lead"][0]), _format(scores["per_lead"][-1])]
+            row += [_format(summary["baselines"][ref][field][metric]["mean"]) for ref in summary["baselines"]]
+            table.add_row(*row)
+        console.print(table)
+    for key in ("out", "plots"):
+        if key in summary:
+            value = summary[key]
+            console.print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+    return buffer.getvalue().rstrip()
+
+
+@app.command("evaluate")
+def evaluate_command(
+    forecast: Path = typer.Argument(..., help="A forecast store written by `dyf forecast`."),
+    truth: Path | None = typer.Option(None, "--truth", help="Data store with the truth (default: the "
+                                                            "forecast's dyf_truth attribute)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the scores: .nc (NetCDF), .zarr or .csv."),
+    plots: Path | None = typer.Option(None, "--plots", help="Folder for PNG/GIF figures."),
+    seed: int = typer.Option(0, "--seed", help="Seed for breaking ties in the rank histogram."),
+) -> None:
+    """Score a forecast: CRPS, fair CRPS, MSE/RMSE, spread, SSR and rank histograms per field and lead time,
+    with persistence and climatology as references."""
+    from dyfcli.evaluate import evaluate
+
+    run_command("evaluate", lambda: evaluate(forecast, truth, out, plots, seed), render)

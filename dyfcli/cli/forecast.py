@@ -1,0 +1,76 @@
+"""`dyf forecast`: run a trained model from many initial conditions into a forecast store (DESIGN §5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dyfcli.cli.app import app, run_command
+
+INIT_HELP = (
+    "Initial conditions inside the split: 'all' (every step whose whole horizon lies in the split; default "
+    "for date splits), 'first' (the split's first step; default for series splits such as simulations, which "
+    "start at step 0), 'every:N' (every N-th of 'all'), '0,5,10' (positions within the split, 0 = its first "
+    "step) or '2020-01-01,2020-02-01' (dates; dated stores only)."
+)
+
+
+def render(summary: dict) -> str:
+    rate = summary.get("network_evals_per_s")
+    return (f"forecast: {summary['out']}\n"
+            f"  blocks: {summary['blocks_written']} written now, {summary['blocks_resumed']} already done, "
+            f"{summary['blocks']} in all\n"
+            f"  {summary['members']} members x {summary['leads']} lead times ({summary['windows']} window(s)), "
+            f"{summary['network_calls_per_member']} network calls per member\n"
+            f"  {summary['seconds']} s on {summary['device']}"
+            + (f", {rate} batched network calls/s" if rate else ""))
+
+
+def _output_times(text: str | None) -> tuple[float, ...] | None:
+    from dyfcli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--output-times {text!r}: expected comma-separated numbers such as 0.5,1,1.5") from None
+
+
+@app.command("forecast")
+def forecast_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="model.pt from `dyf train-forecaster` (or a baseline)."),
+    out: Path = typer.Option(..., "--out", help="The forecast store to write (Zarr)."),
+    horizon: int = typer.Option(..., "--horizon", help="Lead times to forecast, in data time steps; beyond "
+                                                       "the model's own horizon windows are chained."),
+    ensemble: int = typer.Option(..., "--ensemble", help="Ensemble members per initial condition."),
+    data: Path | None = typer.Option(None, "--data", help="Data store (default: the one the checkpoint "
+                                                          "was trained on)."),
+    split: str = typer.Option("test", "--split", help="Split of the data store to start from."),
+    init: str | None = typer.Option(None, "--init", help=INIT_HELP),
+    steps: str | None = typer.Option(None, "--steps", help="DYffusion sampling schedule: full, only_dynamics, "
+                                                           "everyN, firstN, only_dynamics_plusN (default: "
+                                                           "the checkpoint's)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same forecast (whatever --member-batch or ranks)."),
+    member_batch: int | None = typer.Option(None, "--member-batch", help="Members per batch on the device "
+                                                                         "(default: all); lower it to save memory."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    output_times: str | None = typer.Option(None, "--output-times", help="Lead times within one window, e.g. "
+                                            "0.5,1,1.5,2 (fractional ones need a model with refinement)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted forecast into --out."),
+) -> None:
+    """Forecast ensembles from every chosen initial condition and write them, in physical units, to a
+    forecast store; run under torchrun to spread initial conditions over GPUs."""
+
+    def workflow() -> dict:
+        from dyfcli.forecast import ForecastRequest, run_forecast
+
+        request = ForecastRequest(
+            checkpoint=ckpt, out=out, horizon=horizon, ensemble=ensemble, data=data, split=split, init=init,
+            steps=steps, seed=seed, member_batch=member_batch, device=device,
+            output_times=_output_times(output_times), overwrite=overwrite, resume=resume)
+        return run_forecast(request)
+
+    run_command("forecast", workflow, render)

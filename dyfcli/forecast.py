@@ -1,0 +1,780 @@
+"""`dyf forecast`: roll a trained model out from many initial conditions into a forecast store.
+
+This workflow owns the loop over `(series, init)` blocks and member batches, autoregressive windows,
+units, boundary conditions, progress and writing. It never looks inside the sampler: the model is any
+object with `horizon`, `sample_window(x0, static_cond, noise, **options) -> (B, L, C, Y, X)` and
+`network_calls(**options)` (DYffusion or a baseline; `load_method` is the one place that tells them apart).
+
+Shapes: `B` batch rows (members of one block), `L` lead times, `C` fields, `Y, X` grid. Tensors handed to
+the model are normalised with invalid points set to 0; everything written is in physical units with NaN on
+invalid points.
+
+Randomness: member `m` of block `(series s, init time t)` draws from
+`MemberNoise.for_members(seed, [member_id(s, t, m)])`, folded once per autoregressive window, so the
+forecast does not depend on `--member-batch`, on which other blocks run, or on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dyfcli import forecast_store
+from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
+
+log = logging.getLogger("dyf.forecast")
+
+# Global member ids pack (series index, init time index, member) into one int64 key.
+_MEMBER_BITS = 20
+_TIME_BITS = 26
+_SERIES_LIMIT = 1 << (63 - _MEMBER_BITS - _TIME_BITS)
+
+
+
+# ----------------------------------------------------------------------------------------------- request
+
+@dataclass(frozen=True)
+class ForecastRequest:
+    """The options of one `dyf forecast` run, as parsed by the CLI."""
+
+    checkpoint: Path
+    out: Path
+    horizon: int
+    ensemble: int
+    data: Path | None = None
+    split: str = "test"
+    init: str | None = None
+    steps: str | None = None
+    seed: int = 0
+    member_batch: int | None = None
+    device: str = "auto"
+    output_times: tuple[float, ...] | None = None
+    overwrite: bool = False
+    resume: bool = False
+
+
+def check_request(request: ForecastRequest) -> None:
+    """Flag values that are wrong whatever the checkpoint and data (UsageError, exit 2)."""
+    if request.horizon < 1:
+        raise UsageError(f"--horizon {request.horizon}: the forecast needs at least 1 lead time; pass --horizon 1 or more")
+    if request.ensemble < 1:
+        raise UsageError(f"--ensemble {request.ensemble}: pass --ensemble 1 or more members")
+    if request.ensemble >= 1 << _MEMBER_BITS:
+        raise UsageError(f"--ensemble {request.ensemble}: at most {(1 << _MEMBER_BITS) - 1} members are supported")
+    if request.member_batch is not None and request.member_batch < 1:
+        raise UsageError(f"--member-batch {request.member_batch}: pass 1 or more (or leave it out for all members)")
+    if request.overwrite and request.resume:
+        raise UsageError("--overwrite and --resume contradict each other; pass only one")
+    if request.output_times is not None and not request.output_times:
+        raise UsageError("--output-times is empty; give lead times such as 0.5,1,1.5 or leave it out")
+    if not Path(request.out).parent.exists():
+        raise UsageError(f"the folder of --out {request.out} does not exist; create {Path(request.out).parent} first")
+    # Checked again by rank 0 when it creates the store; other ranks may see rank 0's new store here.
+    if Path(request.out).exists() and not (request.overwrite or request.resume) and _rank() == 0:
+        raise UsageError(f"{request.out} already exists; pass --resume to continue that forecast or "
+                         "--overwrite to replace it")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------------------------- initial conditions
+
+@dataclass(frozen=True)
+class InitialConditions:
+    """Which blocks to forecast: every series crossed with every initial time.
+
+    `series_indices` and `time_indices` are indices into the data store; `init_time` holds the store's
+    time coordinate at `time_indices` (datetime64 or float).
+    """
+
+    series_indices: tuple[int, ...]
+    time_indices: tuple[int, ...]
+    init_time: np.ndarray
+
+
+def parse_init_selection(text: str) -> tuple[str, object]:
+    """`--init` text -> (kind, value): ('all', None), ('first', None), ('every', N), ('positions', [..]),
+    ('dates', [..])."""
+    text = text.strip()
+    if text in ("all", "first"):
+        return text, None
+    if match := re.fullmatch(r"every:(\d+)", text):
+        step = int(match[1])
+        if step < 1:
+            raise UsageError(f"--init {text!r}: every:N needs N >= 1")
+        return "every", step
+    tokens = [token.strip() for token in text.split(",") if token.strip()]
+    if tokens and all(re.fullmatch(r"\d+", token) for token in tokens):
+        return "positions", [int(token) for token in tokens]
+    if tokens and all(re.fullmatch(r"\d{4}-\d{2}-\d{2}(T[\d:]+)?", token) for token in tokens):
+        try:
+            return "dates", [np.datetime64(token) for token in tokens]
+        except ValueError as err:
+            raise UsageError(f"--init {text!r}: {err}") from None
+    raise UsageError(f"--init {text!r} is not a selection: use all, first, every:N, positions such as 0,5,10 "
+                     "or dates such as 2020-01-01,2020-02-01 (see `dyf forecast --help`)")
+
+
+def select_initial_conditions(store, split: str, selection: str | None, horizon: int) -> InitialConditions:
+    """Resolve `--split` and `--init` against the store (DataError, exit 4, when nothing fits)."""
+    ranges = store.split_ranges(split)
+    if not ranges:
+        raise DataError(f"the {split!r} split of {store.path} is empty; choose another --split")
+    spans = {(start, stop) for _, start, stop in ranges}
+    if len(spans) != 1:
+        raise DataError(f"the {split!r} split covers different time ranges per series; "
+                        "forecast one series at a time is not supported yet, re-prepare with a common range")
+    start, stop = spans.pop()
+    by_series = "series" in store.splits[split]
+    kind, value = parse_init_selection(selection or ("first" if by_series else "all"))
+    times = store.ds["time"].values
+    positions = _init_positions(kind, value, stop - start, horizon, times[start:stop], split)
+    time_indices = tuple(start + p for p in positions)
+    return InitialConditions(tuple(s for s, _, _ in ranges), time_indices, times[list(time_indices)])
+
+
+def _init_positions(kind: str, value, length: int, horizon: int, split_times: np.ndarray, split: str) -> list[int]:
+    """Positions within a split of `length` steps chosen by one parsed `--init` selection."""
+    if kind == "first":
+        return [0]
+    if kind in ("all", "every"):
+        verifiable = length - horizon
+        if verifiable < 1:
+            raise DataError(f"the {split!r} split has {length} steps, too few for --horizon {horizon} with truth "
+                            "for every lead; lower --horizon or choose --init first or explicit positions")
+        return list(range(0, verifiable, value if kind == "every" else 1))
+    if kind == "positions":
+        outside = [p for p in value if p >= length]
+        if outside:
+            raise DataError(f"--init positions {outside} lie outside the {split!r} split ({length} steps, "
+                            f"positions 0..{length - 1}); choose positions inside it")
+        return sorted(set(value))
+    if not np.issubdtype(split_times.dtype, np.datetime64):
+        raise DataError("--init dates need a dated store; this store has simulation times, give positions instead")
+    days = split_times.astype("datetime64[D]")
+    positions = []
+    for date in value:
+        found = np.flatnonzero(days == date.astype("datetime64[D]"))
+        if not len(found):
+            raise DataError(f"--init {date} is not a time of the {split!r} split "
+                            f"({days[0]} to {days[-1]}); choose dates inside it")
+        positions.append(int(found[0]))
+    return sorted(set(positions))
+
+
+def member_ids(series_index: int, time_index: int, members: range):
+    """Global member ids `(B,)` int64: unique per (series, init time, member), independent of batching."""
+    import torch
+
+    if series_index >= _SERIES_LIMIT or time_index >= 1 << _TIME_BITS:
+        raise DataError(f"series {series_index} / time index {time_index} exceed the member-id range of dyf")
+    base = (series_index << (_TIME_BITS + _MEMBER_BITS)) | (time_index << _MEMBER_BITS)
+    return torch.tensor([base + m for m in members], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- lead times
+
+@dataclass(frozen=True)
+class LeadPlan:
+    """Which lead times each autoregressive window produces and which of them are written.
+
+    `window_times` are the times asked of every window, in data steps within (0, h], always ending
+    with h (its output seeds the next window); `leads` `(L,)` are the written lead times in (0, H];
+    `take[w]` lists, for window w, the indices into `window_times` that are written, in order.
+    """
+
+    model_horizon: int
+    window_times: tuple[float, ...] | None
+    windows: int
+    leads: np.ndarray
+    take: tuple[tuple[int, ...], ...]
+
+    @property
+    def times_per_window(self) -> tuple[float, ...]:
+        return self.window_times or tuple(float(i) for i in range(1, self.model_horizon + 1))
+
+
+def plan_leads(horizon: int, model_horizon: int, output_times: tuple[float, ...] | None) -> LeadPlan:
+    """Cover lead times up to `horizon` with windows of `model_horizon` steps."""
+    if output_times is not None:
+        bad = [t for t in output_times if not 0 < t <= model_horizon]
+        if bad:
+            raise UsageError(f"--output-times {bad}: times must lie in (0, {model_horizon}], the model's horizon; "
+                             "longer lead times come from --horizon")
+        window_times = tuple(sorted(set(float(t) for t in output_times) | {float(model_horizon)}))
+    else:
+        window_times = None
+    times = window_times or tuple(float(i) for i in range(1, model_horizon + 1))
+    windows = math.ceil(horizon / model_horizon)
+    wanted = {float(t) for t in output_times} if output_times is not None else set(times)
+    leads, take = [], []
+    for window in range(windows):
+        kept = tuple(i for i, t in enumerate(times)
+                     if t in wanted and window * model_horizon + t <= horizon + 1e-9)
+        take.append(kept)
+        leads.extend(window * model_horizon + times[i] for i in kept)
+    return LeadPlan(model_horizon, window_times, windows, np.asarray(leads, dtype=np.float64), tuple(take))
+
+
+def lead_coordinates(time_step, init_time: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`lead_time (L,)` and `valid_time (I, L)` from the store's `dyf_time_step` (pandas frequency or float)."""
+    if not np.issubdtype(np.asarray(init_time).dtype, np.datetime64):
+        step = float(time_step)
+        lead_time = leads * step
+        return lead_time, np.asarray(init_time, dtype=np.float64)[:, None] + lead_time[None, :]
+    import pandas as pd
+
+    offset = pd.tseries.frequencies.to_offset(str(time_step))
+    try:
+        delta = pd.Timedelta(offset)
+    except (ValueError, TypeError):
+        delta = None
+    if delta is not None:
+        lead_time = np.array([pd.Timedelta(delta * lead).to_timedelta64() for lead in leads], dtype="timedelta64[ns]")
+        valid = np.asarray(init_time, dtype="datetime64[ns]")[:, None] + lead_time[None, :]
+        return lead_time, valid
+    # Calendar steps (months): lead times are counts of steps; valid times follow the calendar.
+    if np.any(leads != np.round(leads)):
+        raise UsageError(f"--output-times: fractional lead times need a fixed time step, not {time_step!r}")
+    valid = np.array([[(pd.Timestamp(t) + int(lead) * offset).to_datetime64() for lead in leads]
+                      for t in np.asarray(init_time)], dtype="datetime64[ns]")
+    return leads.copy(), valid
+
+
+def day_of_year(valid_time: np.ndarray) -> np.ndarray | None:
+    """Day of year (1..366, as xarray's `time.dt.dayofyear`) of datetime valid times; None otherwise."""
+    if not np.issubdtype(np.asarray(valid_time).dtype, np.datetime64):
+        return None
+    import pandas as pd
+
+    return pd.DatetimeIndex(np.asarray(valid_time).ravel()).dayofyear.to_numpy().reshape(np.shape(valid_time))
+
+
+# ----------------------------------------------------------------------------------------------- one block
+
+@dataclass
+class BlockInputs:
+    """What one `(series, init)` block needs besides the model.
+
+    `x0` `(C, Y, X)` normalised initial condition (0 on invalid points), `static_cond` `(C_cond, Y, X)`,
+    `mask` `(Y, X)` bool, `valid_time` `(L_all,)` for every window time of every window (flattened
+    window-major), `to_physical(x (N, C, Y, X), positions (N,)) / to_normalised(...)` convert units at
+    the given positions into `valid_time`, `boundary` None or an object with `apply(x (B, L, C, Y, X), times (L,))`.
+    """
+
+    series_index: int
+    time_index: int
+    x0: object
+    static_cond: object
+    mask: object
+    valid_time: np.ndarray
+    to_physical: object
+    to_normalised: object
+    boundary: object | None = None
+
+
+@dataclass
+class Counter:
+    """Batched network calls made so far (for progress and the summary)."""
+
+    batched_calls: int = 0
+    member_windows: int = 0
+
+
+def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise, counter: Counter,
+            calls_per_window: int):
+    """Run `plan.windows` autoregressive windows for one batch of members; returns `(B, L, C, Y, X)` physical.
+
+    Every member continues from its own x̂_h; boundary conditions are applied in physical units to
+    every window's output before it is fed back and before it is written.
+    """
+    import torch
+
+    batch = len(noise)
+    x0 = inputs.x0.unsqueeze(0).expand(batch, *inputs.x0.shape).contiguous()
+    static_cond = inputs.static_cond.unsqueeze(0).expand(batch, *inputs.static_cond.shape)
+    per_window = len(plan.times_per_window)
+    written = []
+    for window in range(plan.windows):
+        out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options)
+        counter.batched_calls += calls_per_window
+        counter.member_windows += batch
+        positions = np.arange(window * per_window, (window + 1) * per_window)
+        physical = _window_to_physical(out, inputs, positions)
+        written.append(physical[:, list(plan.take[window])])
+        if window + 1 < plan.windows:
+            last = physical[:, -1]
+            x0 = inputs.to_normalised(last, np.full(batch, positions[-1]))
+            x0 = torch.where(inputs.mask, x0, torch.zeros((), dtype=x0.dtype, device=x0.device))
+    result = torch.cat(written, dim=1)
+    return torch.where(inputs.mask, result, torch.full((), float("nan"), dtype=result.dtype, device=result.device))
+
+
+def _window_to_physical(out, inputs: BlockInputs, positions: np.ndarray):
+    """Normalised window output `(B, Lw, C, Y, X)` -> physical units with boundary conditions applied."""
+    batch, lead_count = out.shape[:2]
+    flat = out.reshape(batch * lead_count, *out.shape[2:])
+    physical = inputs.to_physical(flat, np.tile(positions, batch)).reshape(out.shape)
+    if inputs.boundary is not None:
+        applied = inputs.boundary.apply(physical, inputs.valid_time[positions])
+        physical = physical if applied is None else applied
+    return physical
+
+
+def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, *, seed: int,
+                   members: int, member_batch: int, device, counter: Counter, calls_per_window: int) -> np.ndarray:
+    """All members of one block, `member_batch` at a time: `(M, L, C, Y, X)` float32 physical units."""
+    import torch
+
+    from dyfcli.noise import MemberNoise
+
+    parts = []
+    for first in range(0, members, member_batch):
+        ids = member_ids(inputs.series_index, inputs.time_index, range(first, min(first + member_batch, members)))
+        noise = MemberNoise.for_members(seed, ids.to(device))
+        with torch.no_grad():
+            parts.append(rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window).float().cpu())
+    return torch.cat(parts, dim=0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class Collaborators:
+    """The objects the block loop works with (built from files by `run_forecast`, or fakes in tests).
+
+    `method.model` is the sampler object; `block_inputs(series_index, time_index, valid_time_row)` returns
+    a `BlockInputs` on `device`.
+    """
+
+    method: Method
+    block_inputs: object
+    device: object
+
+
+@dataclass(frozen=True)
+class Method:
+    """A loaded model and how `dyf forecast` calls it."""
+
+    kind: str
+    model: object
+    sample_options: dict = field(default_factory=dict)
+    schedule: str | None = None
+
+
+def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int]], init: InitialConditions,
+               plan: LeadPlan, window_valid_time: np.ndarray, *, seed: int, members: int,
+               member_batch: int, stop_requested=lambda: False) -> Counter:
+    """Forecast and write `blocks` (pairs of positions into `init.series_indices`, `init.time_indices`)."""
+    from dyfcli.runtime import progress
+
+    method = collaborators.method
+    calls_per_window = _calls_per_window(method)
+    counter = Counter()
+    start = time.monotonic()
+    with progress("forecast", total=len(blocks), unit="block") as bar:
+        for series_position, init_position in blocks:
+            series_index = init.series_indices[series_position]
+            time_index = init.time_indices[init_position]
+            inputs = collaborators.block_inputs(series_index, time_index, window_valid_time[init_position])
+            block = forecast_block(method.model, method.sample_options, inputs, plan, seed=seed, members=members,
+                                   member_batch=member_batch, device=collaborators.device, counter=counter,
+                                   calls_per_window=calls_per_window)
+            writer.write(series_position, init_position, block)
+            elapsed = max(time.monotonic() - start, 1e-9)
+            bar.advance(1, network_evals_per_s=counter.batched_calls / elapsed)
+            if stop_requested():
+                raise Interrupted(f"stopped by a signal after writing {bar.done} blocks; re-run the same "
+                                  "`dyf forecast` command with --resume to continue")
+    return counter
+
+
+def _calls_per_window(method: Method) -> int:
+    """Network calls of one window per batch (a batched call counts once whatever the batch size)."""
+    return _calls_by_network(method.model.network_calls(**method.sample_options))[0]
+
+
+def _calls_by_network(calls) -> tuple[int, dict]:
+    """`network_calls(...)` may be an int, a dict or a NamedTuple by network: (total, by network)."""
+    if hasattr(calls, "_asdict"):
+        calls = calls._asdict()
+    if isinstance(calls, dict):
+        return int(sum(calls.values())), {name: int(n) for name, n in calls.items()}
+    return int(calls), {}
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place under torchrun (rank 0 of 1 otherwise)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def share(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (e.g. "rank 0 failed")."""
+        if self.world == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1 if flag else 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+@contextmanager
+def distributed_ranks():
+    """Join the torchrun process group (gloo: barriers only) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Ranks()
+        return
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend="gloo")
+    if dist.get_rank() != 0:  # one progress log per job, from rank 0
+        logging.getLogger("dyf").setLevel(logging.WARNING)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def blocks_for_rank(pending: list[tuple[int, int]], ranks: Ranks) -> list[tuple[int, int]]:
+    """Round-robin share of the pending blocks, so every rank gets a spread of initial times."""
+    return pending[ranks.rank::ranks.world]
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM (a batch system's pre-emption) into a clean stop after the current block."""
+    requested = {"stop": False}
+    if _in_main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: requested.update(stop=True))
+    else:  # pragma: no cover - signals only reach the main thread
+        previous = None
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------------------------- the workflow
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_method(checkpoint, device, steps: str | None) -> Method:
+    """Rebuild the sampler a checkpoint describes: the one place that tells DYffusion from the baselines.
+
+    Every method yields an object with `horizon`, `sample_window(x0, static_cond, noise, **options)` and
+    `network_calls(**options)`; only the options differ (DYffusion takes a diffusion schedule).
+    """
+    if checkpoint.kind == "interpolator":
+        raise CheckpointError("this is an interpolator checkpoint; give the model.pt written by "
+                              "`dyf train-forecaster` (it embeds the interpolator)")
+    if checkpoint.kind == "forecaster":
+        model = dyffusion_from_checkpoint(checkpoint, device)
+        kind = steps or checkpoint.config.get("sampling", {}).get("schedule", "full")
+        return Method(checkpoint.kind, model, {"schedule": kind}, schedule=kind)
+    if steps is not None:
+        raise UsageError(f"--steps is a DYffusion sampling schedule; a {checkpoint.kind} checkpoint takes none")
+    from dyfcli.baselines import build_model_from_checkpoint
+
+    return Method(checkpoint.kind, build_model_from_checkpoint(checkpoint, device), {}, schedule=None)
+
+
+def dyffusion_from_checkpoint(checkpoint, device):
+    """A `DYffusionModel` with both networks' weights from a forecaster checkpoint (eval mode, on `device`)."""
+    from dyfcli.config import config_from_dict
+    from dyfcli.errors import ConfigError
+    from dyfcli.model import DYffusionModel, DYffusionSettings, forecaster_channels, interpolator_channels
+    from dyfcli.networks import build_network
+
+    inner = checkpoint.interpolator
+    if inner is None:
+        raise CheckpointError("the forecaster checkpoint embeds no interpolator; it is damaged, re-train it")
+    try:
+        config = config_from_dict(checkpoint.config, "the checkpoint's config")
+        inner_config = config_from_dict(inner.config, "the embedded interpolator's config")
+    except ConfigError as err:
+        raise CheckpointError(f"{err.message}; the checkpoint was written by another dyf version, re-train it") from None
+    fields, conditions = len(checkpoint.fields), len(checkpoint.cond_names)
+    stage1, stage2 = inner_config.interpolator.network, config.forecaster.network
+    try:
+        interpolator = build_network(stage1.kind, **interpolator_channels(fields, conditions),
+                                     **stage1.build_arguments())
+        forecaster = build_network(stage2.kind, **forecaster_channels(fields, conditions,
+                                                                      config.forecaster.forward_conditioning),
+                                   **stage2.build_arguments())
+        interpolator.load_state_dict(inner.state_dict)
+        forecaster.load_state_dict(checkpoint.state_dict)
+    except (RuntimeError, ValueError, TypeError) as err:
+        first_line = str(err).strip().splitlines()[0][:200]
+        raise CheckpointError(f"the checkpoint's weights do not fit its networks ({first_line}); "
+                              "it is damaged or from another dyf version, re-train it") from None
+    forecaster.eval()
+    return DYffusionModel(interpolator, forecaster, DYffusionSettings.from_config(config)).to(device)
+
+
+def model_horizon(model) -> int:
+    """h, the lead times one window covers (`horizon`, or a DYffusionModel's `settings.horizon`)."""
+    horizon = getattr(model, "horizon", None)
+    return int(horizon if horizon is not None else model.settings.horizon)
+
+
+def block_inputs_factory(store, normalizer, plan: LeadPlan, device):
+    """`block_inputs(series_index, time_index, window_valid_time (W*Lw,))` reading from a data store."""
+    import torch
+
+    fields = store.fields
+    mask_all = np.asarray(store.ds["mask"].values, dtype=bool)
+    dated_doy = normalizer.mode == "pixel-dayofyear"
+    store_doy = store.ds["time"].dt.dayofyear.values if dated_doy else None
+    boundaries: dict[int, object] = {}
+
+    def block_inputs(series_index: int, time_index: int, valid_time: np.ndarray) -> BlockInputs:
+        physical = np.stack([np.asarray(store.ds[name].isel(series=series_index, time=time_index).values,
+                                        dtype=np.float32) for name in fields])
+        mask = torch.from_numpy(mask_all[series_index]).to(device)
+        doy0 = store_doy[[time_index]] if dated_doy else None
+        x0 = normalizer.normalize_at(torch.from_numpy(physical)[None].to(device), series_index, doy0)[0]
+        x0 = torch.where(mask & torch.isfinite(x0), x0, torch.zeros((), device=device))
+        valid_doy = day_of_year(valid_time) if dated_doy else None
+
+        def convert(function):
+            def at(x, positions):
+                return function(x, series_index, None if valid_doy is None else valid_doy[positions])
+            return at
+
+        if series_index not in boundaries:
+            boundaries[series_index] = boundary_of(store, series_index)
+        return BlockInputs(series_index, time_index, x0, static_condition(store, series_index).to(device), mask,
+                           valid_time, convert(normalizer.denormalize_at), convert(normalizer.normalize_at),
+                           boundaries[series_index])
+
+    return block_inputs
+
+
+def boundary_of(store, series_index: int):
+    """The series' boundary conditions (`boundary.boundary_for`), or None when the store declares none."""
+    from dyfcli.boundary import boundary_for
+
+    return boundary_for(store, series_index)
+
+
+def static_condition(store, series_index: int):
+    """The store's `cond_*` fields of one series `(C_cond, Y, X)` float32 (sorted names; NaN -> 0)."""
+    import torch
+
+    arrays = [np.asarray(store.ds[name].isel(series=series_index).values, dtype=np.float32)
+              for name in store.cond_names]
+    if not arrays:
+        return torch.zeros((0, *store.grid), dtype=torch.float32)
+    return torch.from_numpy(np.nan_to_num(np.stack(arrays), nan=0.0))
+
+
+def forecast_layout(store, init: InitialConditions, plan: LeadPlan, members: int, identity: dict,
+                    attrs: dict) -> forecast_store.ForecastLayout:
+    lead_time, valid_time = lead_coordinates(store.ds.attrs.get("dyf_time_step"), init.init_time, plan.leads)
+    ds = store.ds
+    return forecast_store.ForecastLayout(
+        fields=store.fields,
+        field_attrs={name: dict(ds[name].attrs) for name in store.fields},
+        series=ds["series"].values[list(init.series_indices)],
+        init_time=init.init_time, members=members, lead=plan.leads, lead_time=lead_time, valid_time=valid_time,
+        mask=ds["mask"].isel(series=list(init.series_indices)).load(), identity=identity, attrs=attrs)
+
+
+def window_valid_times(store, init: InitialConditions, plan: LeadPlan) -> np.ndarray:
+    """`(I, W * Lw)` valid times of every time of every window (the boundary and units need them)."""
+    times = plan.times_per_window
+    every = np.asarray([w * plan.model_horizon + t for w in range(plan.windows) for t in times], dtype=np.float64)
+    return lead_coordinates(store.ds.attrs.get("dyf_time_step"), init.init_time, every)[1]
+
+
+def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool,
+                   ranks: Ranks) -> np.ndarray:
+    """Create the store (rank 0) or check that an existing one is the same forecast; returns `done` (S, I)."""
+    failure = None
+    if ranks.rank == 0:
+        try:
+            _create_or_check(out, layout, overwrite=overwrite, resume=resume)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = err
+    if ranks.share(failure is not None):
+        if failure is not None:
+            raise failure
+        raise DataError(f"rank 0 could not prepare {out}; see its error message")
+    return forecast_store.BlockWriter(out).done()
+
+
+def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> None:
+    if not out.exists() or overwrite:
+        forecast_store.create(out, layout)
+        return
+    if not resume:
+        raise UsageError(f"{out} already exists; pass --resume to continue that forecast or --overwrite to replace it")
+    found = forecast_store.read_identity(out)
+    if found is None:
+        raise UsageError(f"--resume: {out} is not a dyf forecast store; choose another --out or pass --overwrite")
+    expected = json_roundtrip(layout.identity)
+    differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+    if differing:
+        raise UsageError(f"--resume: {out} was made with other {', '.join(differing)}; repeat the original "
+                         "options or pass --overwrite to start again")
+
+
+def json_roundtrip(value):
+    return forecast_store._jsonable(value)
+
+
+@dataclass
+class ForecastJob:
+    """Everything resolved before the first block: inputs checked, model loaded, schema laid out."""
+
+    out: Path
+    collaborators: Collaborators
+    init: InitialConditions
+    plan: LeadPlan
+    layout: forecast_store.ForecastLayout
+    window_valid_time: np.ndarray
+    calls: dict
+    checkpoint_sha256: str
+
+
+def run_forecast(request: ForecastRequest) -> dict:
+    """The whole `dyf forecast` run; returns a JSON-ready summary."""
+    job = prepare_job(request)
+    started = time.monotonic()
+    with distributed_ranks() as ranks:
+        done = prepare_output(job.out, job.layout, overwrite=request.overwrite, resume=request.resume, ranks=ranks)
+        pending = [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1]) if not done[s, i]]
+        mine = blocks_for_rank(pending, ranks)
+        with stop_on_sigterm() as stop_requested:
+            counter = run_blocks(job.collaborators, forecast_store.BlockWriter(job.out), mine, job.init, job.plan,
+                                 job.window_valid_time, seed=request.seed, members=request.ensemble,
+                                 member_batch=request.member_batch or request.ensemble,
+                                 stop_requested=stop_requested)
+        ranks.barrier()
+        if ranks.rank == 0:
+            forecast_store.mark_complete(job.out)
+    seconds = time.monotonic() - started
+    return {"out": str(job.out), "blocks": int(done.size), "blocks_written": len(mine),
+            "blocks_resumed": int(done.sum()), "members": request.ensemble, "leads": len(job.plan.leads),
+            "windows": job.plan.windows, "network_calls_per_member": job.calls["per_member"],
+            "batched_network_calls": counter.batched_calls, "seconds": round(seconds, 3),
+            "network_evals_per_s": round(counter.batched_calls / seconds, 3) if seconds > 0 else None,
+            "device": str(job.collaborators.device), "checkpoint_sha256": job.checkpoint_sha256,
+            "rank": ranks.rank, "world_size": ranks.world}
+
+
+def prepare_job(request: ForecastRequest) -> ForecastJob:
+    """Check flags, checkpoint and data (cheap checks first), load the model and lay out the store."""
+    from dyfcli.checkpoint import check_compatible, load_checkpoint
+    from dyfcli.data import Normalizer
+    from dyfcli.runtime import resolve_device
+    from dyfcli.store import open_store
+
+    check_request(request)
+    checkpoint = load_checkpoint(Path(request.checkpoint))
+    store = open_store(_data_path(request, checkpoint))
+    check_compatible(checkpoint, store)
+    init = select_initial_conditions(store, request.split, request.init, request.horizon)
+    device = resolve_device(request.device)
+    method = load_method(checkpoint, device, request.steps)
+    plan = plan_leads(request.horizon, model_horizon(method.model), request.output_times)
+    if plan.window_times is not None:
+        method = Method(method.kind, method.model, {**method.sample_options, "output_times": plan.window_times},
+                        method.schedule)
+    calls = _network_calls(method, plan)
+    sha = file_sha256(Path(request.checkpoint))
+    identity = {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
+                "ensemble": request.ensemble, "schedule": method.schedule,
+                "output_times": list(plan.window_times or []), "split": request.split,
+                "truth": str(Path(store.path).resolve()),
+                "series": [str(s) for s in store.ds["series"].values[list(init.series_indices)]],
+                "init_time": [str(t) for t in init.init_time]}
+    attrs = _store_attrs(request, checkpoint, store, method, calls, plan, sha)
+    normalizer = Normalizer.from_state(checkpoint.normalizer)
+    collaborators = Collaborators(method, block_inputs_factory(store, normalizer, plan, device), device)
+    return ForecastJob(Path(request.out).absolute(), collaborators, init, plan,
+                       forecast_layout(store, init, plan, request.ensemble, identity, attrs),
+                       window_valid_times(store, init, plan), calls, sha)
+
+
+def _data_path(request: ForecastRequest, checkpoint) -> Path:
+    if request.data is not None:
+        return Path(request.data)
+    recorded = checkpoint.store.get("path")
+    if not recorded:
+        raise DataError("the checkpoint records no data store; pass --data STORE")
+    if not Path(recorded).exists():
+        raise DataError(f"the checkpoint's data store {recorded} does not exist here; pass --data STORE")
+    return Path(recorded)
+
+
+def _network_calls(method: Method, plan: LeadPlan) -> dict:
+    """Network evaluations per member: per window (by network when known), and for the whole rollout."""
+    try:
+        calls = method.model.network_calls(**method.sample_options)
+    except ValueError as err:  # an unknown --steps kind, fractional --output-times without refinement
+        raise UsageError(f"--steps/--output-times: {err}") from None
+    per_window, by_network = _calls_by_network(calls)
+    return {"per_window": per_window, "by_network": by_network, "windows": plan.windows,
+            "per_member": per_window * plan.windows}
+
+
+def _store_attrs(request: ForecastRequest, checkpoint, store, method: Method, calls: dict, plan: LeadPlan,
+                 sha: str) -> dict:
+    return {
+        "dyf_truth": str(Path(store.path).resolve()),
+        "dyf_split": request.split,
+        "dyf_init_selection": request.init or "default",
+        "dyf_checkpoint": str(Path(request.checkpoint).resolve()),
+        "dyf_checkpoint_sha256": sha,
+        "dyf_method": method.kind,
+        "dyf_seed": request.seed,
+        "dyf_horizon": request.horizon,
+        "dyf_model_horizon": plan.model_horizon,
+        "dyf_schedule": method.schedule,
+        "dyf_output_times": list(plan.window_times or []),
+        "dyf_network_calls": calls,
+        "dyf_time_step": store.ds.attrs.get("dyf_time_step"),
+        "dyf_config": checkpoint.config,
+    }

@@ -1,0 +1,251 @@
+"""The forecast store (DESIGN §5): the one module that knows its schema.
+
+A forecast store is a Zarr group readable with `xr.open_zarr`. Each field is float32
+`(series, init, member, lead, y, x)` in physical units with NaN on invalid points; `mask(series, y, x)` is
+copied from the data store; `done(series, init)` records which blocks are written. Coordinates:
+`series` (labels), `init_time(init)`, `member`, `lead` (in data time steps), `lead_time(lead)`,
+`valid_time(init, lead)`, `y`, `x` (and `lat`/`lon` when the data store has them).
+
+The whole schema is created up front with empty arrays; the forecast then region-writes one
+`(series, init)` block at a time (chunks never straddle blocks, so ranks write independently) and sets
+`done[series, init]` after each. Only when every block is written does the attribute `dyf_complete`
+become true, so readers (`open_forecast`) refuse a store that an interrupted job left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from dyfcli import __version__
+from dyfcli.errors import DataError
+
+# Consolidated metadata on purpose (one read instead of one per array), as the data store does.
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
+
+FORMAT = "dyf-forecast"
+FORMAT_VERSION = 1
+FIELD_DIMS = ("series", "init", "member", "lead", "y", "x")
+
+
+@dataclass(frozen=True)
+class ForecastLayout:
+    """Everything the schema needs to know about a forecast before any block is computed.
+
+    `mask` is an xr.DataArray `(series, y, x)` taken from the data store (its `y`, `x`, `lat`, `lon`
+    coordinates are copied); `lead` is in data time steps `(L,)`; `lead_time` is `(L,)` (timedelta64 or
+    float); `valid_time` is `(I, L)`; `identity` holds the options a resume must repeat exactly.
+    """
+
+    fields: list[str]
+    field_attrs: dict[str, dict]
+    series: np.ndarray
+    init_time: np.ndarray
+    members: int
+    lead: np.ndarray
+    lead_time: np.ndarray
+    valid_time: np.ndarray
+    mask: object  # xr.DataArray (series, y, x)
+    identity: dict
+    attrs: dict
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _dataset(layout: ForecastLayout):
+    """The lazy xr.Dataset of the whole store: coordinates and mask eager, fields as empty Dask arrays."""
+    import dask.array as dsa
+    import xarray as xr
+
+    mask = layout.mask
+    n_series, n_init, n_lead = len(layout.series), len(layout.init_time), len(layout.lead)
+    ny, nx = mask.sizes["y"], mask.sizes["x"]
+    coords = {
+        "series": ("series", np.asarray(layout.series)),
+        "init_time": ("init", np.asarray(layout.init_time)),
+        "member": ("member", np.arange(layout.members, dtype=np.int64)),
+        "lead": ("lead", np.asarray(layout.lead, dtype=np.float64)),
+        "lead_time": ("lead", np.asarray(layout.lead_time)),
+        "valid_time": (("init", "lead"), np.asarray(layout.valid_time)),
+    }
+    for name in ("y", "x", "lat", "lon"):
+        if name in mask.coords:
+            coords[name] = (mask[name].dims, mask[name].values)
+    ds = xr.Dataset(coords=coords)
+    shape = (n_series, n_init, layout.members, n_lead, ny, nx)
+    chunks = (1, 1, layout.members, n_lead, ny, nx)
+    for name in layout.fields:
+        ds[name] = (FIELD_DIMS, dsa.full(shape, np.nan, dtype=np.float32, chunks=chunks),
+                    dict(layout.field_attrs.get(name, {})))
+    ds["mask"] = (("series", "y", "x"), np.asarray(mask.values, dtype=bool))
+    ds["done"] = (("series", "init"), dsa.zeros((n_series, n_init), dtype=bool, chunks=(1, 1)))
+    ds.attrs.update(_jsonable(layout.attrs))
+    ds.attrs.update({
+        "dyf_format": FORMAT,
+        "dyf_format_version": FORMAT_VERSION,
+        "dyf_fields": list(layout.fields),
+        "dyf_identity": _jsonable(layout.identity),
+        "dyf_complete": False,
+        "dyf_version": __version__,
+        "dyf_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return ds, chunks
+
+
+def create(path: Path, layout: ForecastLayout) -> None:
+    """Create the full, empty schema at `path` (replacing whatever is there)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    ds, chunks = _dataset(layout)
+    encoding = {name: {"chunks": chunks, "fill_value": np.nan} for name in layout.fields}
+    encoding["done"] = {"chunks": (1, 1), "fill_value": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=True)
+
+
+class BlockWriter:
+    """Region-writes `(series, init)` blocks into an existing forecast store."""
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self.path = Path(path)
+        self._group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
+        self.fields = list(self._group.attrs["dyf_fields"])
+
+    def done(self) -> np.ndarray:
+        """`(series, init)` bool: which blocks are already written."""
+        return np.asarray(self._group["done"][...], dtype=bool)
+
+    def write(self, series_position: int, init_position: int, block: np.ndarray) -> None:
+        """Write one block `(member, lead, channel, y, x)` float32, physical units, then mark it done."""
+        for channel, name in enumerate(self.fields):
+            self._group[name][series_position, init_position] = block[:, :, channel].astype(np.float32)
+        # Marked after the data so a crash between the two re-computes the block instead of losing it.
+        self._group["done"][series_position, init_position] = True
+
+
+def read_identity(path: Path) -> dict | None:
+    """The `dyf_identity` of an existing forecast store, or None when `path` is not one."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a forecast store"
+        return None
+    if attrs.get("dyf_format") != FORMAT:
+        return None
+    return attrs.get("dyf_identity")
+
+
+def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
+    """Set `dyf_complete` (after checking every block is done) and re-consolidate the metadata."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    done = np.asarray(group["done"][...], dtype=bool)
+    if not done.all():
+        raise DataError(f"{path}: {int((~done).sum())} of {done.size} blocks are not written; "
+                        "re-run the same `dyf forecast` command with --resume")
+    group.attrs.update({**_jsonable(extra_attrs or {}), "dyf_complete": True,
+                        "dyf_completed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        zarr.consolidate_metadata(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class ForecastStore:
+    """An opened, validated, complete forecast store. `ds` is lazy (Dask-backed)."""
+
+    path: Path
+    ds: object  # xr.Dataset
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.ds.attrs["dyf_fields"])
+
+    @property
+    def truth(self) -> Path:
+        """The data store the forecast was started from."""
+        return Path(self.ds.attrs["dyf_truth"])
+
+    @property
+    def members(self) -> int:
+        return int(self.ds.sizes["member"])
+
+
+def _open_dataset(path: Path):
+    import xarray as xr
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"forecast store {path} does not exist; create one with `dyf forecast`")
+    try:
+        ds = xr.open_zarr(path, consolidated=None, chunks={})
+    except Exception as err:  # noqa: BLE001 - zarr raises many types for a broken store
+        raise DataError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}); "
+                        "re-create it with `dyf forecast`") from None
+    if ds.attrs.get("dyf_format") != FORMAT:
+        raise DataError(f"{path} is not a dyf forecast store (dyf_format={ds.attrs.get('dyf_format')!r}); "
+                        "create one with `dyf forecast`")
+    if int(ds.attrs.get("dyf_format_version", 0)) > FORMAT_VERSION:
+        raise DataError(f"{path} was written by a newer dyf (format {ds.attrs['dyf_format_version']}); upgrade dyf")
+    return ds
+
+
+def open_forecast(path: Path | str) -> ForecastStore:
+    """Open a complete forecast store; DataError (exit 4) if it is not one or is unfinished."""
+    path = Path(path)
+    ds = _open_dataset(path)
+    if not ds.attrs.get("dyf_complete", False):
+        raise DataError(f"{path} is incomplete (a forecast was interrupted); re-run the same "
+                        "`dyf forecast` command with --resume to finish it")
+    for name in ds.attrs.get("dyf_fields", []):
+        if name not in ds.data_vars or tuple(ds[name].dims) != FIELD_DIMS:
+            raise DataError(f"{path}: field {name!r} is missing or not {FIELD_DIMS}; re-run `dyf forecast`")
+    return ForecastStore(path, ds)
+
+
+def describe(path: Path | str) -> dict:
+    """A JSON-ready summary for `dyf inspect` (works on incomplete stores too)."""
+    path = Path(path)
+    ds = _open_dataset(path)
+    done = np.asarray(ds["done"].values, dtype=bool)
+    init_time = ds["init_time"].values
+    attrs = ds.attrs
+    return {
+        "kind": "forecast",
+        "path": str(path),
+        "complete": bool(attrs.get("dyf_complete", False)),
+        "blocks": {"done": int(done.sum()), "total": int(done.size)},
+        "fields": {name: {"units": ds[name].attrs.get("units")} for name in attrs.get("dyf_fields", [])},
+        "sizes": {dim: int(size) for dim, size in ds.sizes.items()},
+        "init_time": {"first": str(init_time[0]), "last": str(init_time[-1]), "count": int(len(init_time))}
+        if len(init_time) else None,
+        "lead": [float(v) for v in ds["lead"].values[:1000]],
+        "truth": attrs.get("dyf_truth"),
+        "checkpoint": attrs.get("dyf_checkpoint"),
+        "checkpoint_sha256": attrs.get("dyf_checkpoint_sha256"),
+        "method": attrs.get("dyf_method"),
+        "seed": attrs.get("dyf_seed"),
+        "schedule": attrs.get("dyf_schedule"),
+        "network_calls": attrs.get("dyf_network_calls"),
+        "created": attrs.get("dyf_created"),
+        "dyf_version": attrs.get("dyf_version"),
+    }
+
+
+def _jsonable(value):
+    """Zarr attributes must be JSON: turn numpy scalars, paths and tuples into plain values."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

@@ -1,0 +1,251 @@
+"""DYffusion's two networks bound to the maths of `dyffusion.py`: the thin glue train and forecast use.
+
+`DYffusionModel` holds the interpolator I_phi, the forecaster F_theta (absent during stage 1) and the
+method's settings. It turns networks into the callables `dyffusion.sample` and the losses expect:
+
+- interpolator input: `[x0, xh]` (2C channels), time = the raw interpolation time i, cond = the static
+  conditioning fields (or None). Whenever the interpolator serves DYffusion (forecaster training, sampling,
+  refinement, interpolation ensembles) it runs in eval mode with MC dropout forced on (`mc_dropout`), so
+  BatchNorm keeps its running statistics while every dropout layer draws a mask.
+- forecaster input: the state x~ (C channels), time = i(t) (`time_encoding="dynamics"`, the paper's),
+  the diffusion step t (`"discrete"`) or t / T (`"normalized"`); cond = [forward conditioning, static].
+
+Batches are what `data.WindowDataset` yields with length h + 1 (window 1):
+`{"dynamics": (B, h+1, C, Y, X), "condition": (B, Cc, Y, X)}`, x0 = dynamics[:, 0], x_i = dynamics[:, i].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dyfcli import dyffusion
+from dyfcli.dyffusion import ForecasterLoss, NetworkCalls, Schedule
+from dyfcli.networks import mc_dropout
+from dyfcli.noise import MemberNoise
+
+TIME_ENCODINGS = ("dynamics", "discrete", "normalized")
+
+
+@dataclass(frozen=True)
+class DYffusionSettings:
+    """What DYffusion needs besides its two networks.
+
+    horizon: h; extra_steps: k (T = h + k).
+    forward_conditioning: `none`, `data` or `data+noise` (see `dyffusion.forward_condition`).
+    time_encoding: the forecaster's time input: `dynamics` i(t) (the paper), `discrete` t, `normalized` t/T.
+    lambda_reconstruction, lambda_reconstruction2: weights of the forward and look-ahead L1 terms.
+    schedule: default sampling schedule kind (`dyffusion.make_schedule`).
+    refine, cold_last_step, naive: default sampling options (`dyffusion.sample`).
+    """
+
+    horizon: int
+    extra_steps: int = 0
+    forward_conditioning: str = "data"
+    time_encoding: str = "dynamics"
+    lambda_reconstruction: float = 0.5
+    lambda_reconstruction2: float = 0.5
+    schedule: str = "full"
+    refine: bool = False
+    cold_last_step: bool = False
+    naive: bool = False
+
+    def __post_init__(self) -> None:
+        # The config layer validates user input; these are programming errors.
+        if self.forward_conditioning not in dyffusion.FORWARD_CONDITIONING:
+            raise ValueError(f"forward_conditioning {self.forward_conditioning!r} is not one of "
+                             f"{dyffusion.FORWARD_CONDITIONING}")
+        if self.time_encoding not in TIME_ENCODINGS:
+            raise ValueError(f"time_encoding {self.time_encoding!r} is not one of {TIME_ENCODINGS}")
+        dyffusion.make_schedule(self.horizon, self.extra_steps, self.schedule)  # raises on a bad combination
+
+    @staticmethod
+    def from_config(config: Any) -> DYffusionSettings:
+        """From a `config.RunConfig` (its `data`, `forecaster` and `sampling` sections)."""
+        forecaster = config.forecaster
+        return DYffusionSettings(
+            horizon=config.data.horizon, extra_steps=forecaster.extra_steps,
+            forward_conditioning=forecaster.forward_conditioning,
+            lambda_reconstruction=forecaster.lambda_reconstruction,
+            lambda_reconstruction2=forecaster.lambda_reconstruction2, schedule=config.sampling.schedule,
+            refine=forecaster.refine, cold_last_step=forecaster.cold_last_step)
+
+    @property
+    def num_diffusion_steps(self) -> int:
+        return self.horizon + self.extra_steps
+
+
+def interpolator_channels(num_fields: int, num_conditions: int) -> dict[str, int]:
+    """Channel keyword arguments of `networks.build_network` for the interpolator."""
+    return {"in_channels": 2 * num_fields, "cond_channels": num_conditions, "out_channels": num_fields}
+
+
+def forecaster_channels(num_fields: int, num_conditions: int, forward_conditioning: str) -> dict[str, int]:
+    """Channel keyword arguments of `networks.build_network` for the forecaster."""
+    conditioned = num_fields if forward_conditioning in ("data", "data+noise") else 0
+    return {"in_channels": num_fields, "cond_channels": conditioned + num_conditions,
+            "out_channels": num_fields}
+
+
+class DYffusionModel:
+    """The interpolator and forecaster networks with DYffusion's settings.
+
+    Constructed with a forecaster (stage 2 and forecasting) it freezes the interpolator: no parameter
+    requires grad and the module stays in eval mode, while gradients still flow through it to its inputs.
+    """
+
+    def __init__(self, interpolator: nn.Module, forecaster: nn.Module | None, settings: DYffusionSettings):
+        self.interpolator = interpolator
+        self.forecaster = forecaster
+        self.settings = settings
+        self.schedule = dyffusion.make_schedule(settings.horizon, settings.extra_steps, settings.schedule)
+        if forecaster is not None:
+            interpolator.requires_grad_(False)
+            interpolator.eval()
+
+    @property
+    def horizon(self) -> int:
+        """h, the lead times one sampled window covers."""
+        return self.settings.horizon
+
+    def to(self, device: torch.device | str) -> DYffusionModel:
+        """Move both networks to `device` (in place); returns self."""
+        self.interpolator.to(device)
+        if self.forecaster is not None:
+            self.forecaster.to(device)
+        return self
+
+    # ------------------------------------------------------------------------------ network callables
+
+    def interpolate(self, x0: torch.Tensor, xh: torch.Tensor, time: torch.Tensor, noise: MemberNoise | None,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
+        """I(x0, xh, time) with MC dropout on (masks from `noise`, or torch's RNG when None): (B, C, Y, X)."""
+        with _eval_mode(self.interpolator), mc_dropout(self.interpolator, noise):
+            return self._interpolator_forward(x0, xh, time, noise, condition)
+
+    def _interpolator_forward(self, x0: torch.Tensor, xh: torch.Tensor, time: torch.Tensor,
+                              noise: MemberNoise | None, condition: torch.Tensor | None) -> torch.Tensor:
+        """The bare network call, in whatever mode the interpolator is (stage 1 training: train mode)."""
+        return self.interpolator(torch.cat([x0, xh], dim=1), time, _nonempty(condition))
+
+    def forecast(self, x: torch.Tensor, time: torch.Tensor, step: torch.Tensor, x0: torch.Tensor,
+                 noise: MemberNoise | None, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """F(x, i) ~ x_h (B, C, Y, X) at interpolation time `time` = i(step), in the forecaster's current mode."""
+        settings = self.settings
+        forward = dyffusion.forward_condition(settings.forward_conditioning, x0, step,
+                                              settings.num_diffusion_steps, noise)
+        parts = [part for part in (forward, _nonempty(condition)) if part is not None]
+        cond = torch.cat(parts, dim=1) if parts else None
+        return self._require_forecaster()(x, self._forecaster_time(time, step), cond)
+
+    def _forecaster_time(self, time: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        encoding = self.settings.time_encoding
+        if encoding == "dynamics":
+            return time
+        if encoding == "discrete":
+            return step
+        return step / self.settings.num_diffusion_steps
+
+    # ------------------------------------------------------------------------------ losses
+
+    def interpolator_loss(self, batch: dict[str, torch.Tensor],
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Stage 1: MSE of I(x0, xh, i) against x_i, i ~ U{1..h-1} per window; interpolator as the caller left it."""
+        dynamics, condition = self._unpack(batch)
+        times = dyffusion.draw_interpolation_times(dynamics.shape[0], self.settings.horizon, generator)
+        times = times.to(dynamics.device)
+        target = dynamics[torch.arange(dynamics.shape[0], device=dynamics.device), times]
+        return dyffusion.interpolator_loss(self._interpolator_forward, dynamics[:, 0], dynamics[:, -1], target,
+                                           times, condition)
+
+    def forecaster_loss(self, batch: dict[str, torch.Tensor],
+                        generator: torch.Generator | None = None) -> ForecasterLoss:
+        """Stage 2: the two-term L1 loss of `dyffusion.forecaster_loss`, t ~ U{0..T-1} per window."""
+        self._require_forecaster()
+        if any(parameter.requires_grad for parameter in self.interpolator.parameters()):
+            raise RuntimeError("the interpolator must be frozen during forecaster training; is there a bug?")
+        dynamics, condition = self._unpack(batch)
+        steps = dyffusion.draw_diffusion_steps(dynamics.shape[0], self.settings.num_diffusion_steps, generator)
+        settings = self.settings
+        return dyffusion.forecaster_loss(
+            self.interpolate, self.forecast, dynamics[:, 0], dynamics[:, -1], steps.to(dynamics.device),
+            horizon=settings.horizon, extra_steps=settings.extra_steps, condition=condition,
+            lambda_forward=settings.lambda_reconstruction, lambda_lookahead=settings.lambda_reconstruction2)
+
+    def _unpack(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dynamics = batch["dynamics"]
+        if dynamics.ndim != 5 or dynamics.shape[1] != self.settings.horizon + 1:
+            raise ValueError(f"expected dynamics of shape (B, {self.settings.horizon + 1}, C, Y, X) "
+                             f"(windows of length horizon + 1), got {tuple(dynamics.shape)}")
+        return dynamics, _nonempty(batch.get("condition"))
+
+    # ------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def interpolate_window(self, x0: torch.Tensor, xh: torch.Tensor, condition: torch.Tensor | None,
+                           noise: MemberNoise | None) -> torch.Tensor:
+        """I(x0, xh, i) for i = 1..h-1 with MC dropout, call i drawing from `noise.fold(i)`: (B, h-1, C, Y, X).
+
+        Stage 1 validation scores these ensembles (one member per batch row).
+        """
+        outputs = []
+        for lead in range(1, self.settings.horizon):
+            time = torch.full((x0.shape[0],), float(lead), device=x0.device)
+            outputs.append(self.interpolate(x0, xh, time, None if noise is None else noise.fold(lead), condition))
+        return torch.stack(outputs, dim=1)
+
+    @torch.no_grad()
+    def sample_window(self, x0: torch.Tensor, condition: torch.Tensor | None, noise: MemberNoise | None,
+                      schedule: Schedule | str | None = None, refine: bool | None = None,
+                      output_times: tuple[float, ...] | None = None) -> torch.Tensor:
+        """One forecast window from x0 (B, C, Y, X): (B, L, C, Y, X) at leads 1..h (or `output_times`).
+
+        One batch row per ensemble member; row b depends only on `noise` row b. The forecaster runs in
+        eval mode (its dropout off). Options left as None take the settings' values.
+        """
+        with _eval_mode(self._require_forecaster()):
+            return dyffusion.sample(
+                self.interpolate, self.forecast, x0, self._schedule(schedule), noise,
+                condition=_nonempty(condition), cold_last_step=self.settings.cold_last_step,
+                naive=self.settings.naive, refine=self.settings.refine if refine is None else refine,
+                output_times=output_times)
+
+    def network_calls(self, schedule: Schedule | str | None = None, refine: bool | None = None,
+                      output_times: tuple[float, ...] | None = None) -> NetworkCalls:
+        """Network evaluations per batch row of `sample_window` with the same arguments."""
+        return dyffusion.count_network_calls(
+            self._schedule(schedule), naive=self.settings.naive, cold_last_step=self.settings.cold_last_step,
+            refine=self.settings.refine if refine is None else refine, output_times=output_times)
+
+    def _schedule(self, schedule: Schedule | str | None) -> Schedule:
+        if schedule is None:
+            return self.schedule
+        if isinstance(schedule, str):
+            return dyffusion.make_schedule(self.settings.horizon, self.settings.extra_steps, schedule)
+        return schedule
+
+    def _require_forecaster(self) -> nn.Module:
+        if self.forecaster is None:
+            raise RuntimeError("this DYffusionModel has no forecaster (stage 1); build it with one to forecast")
+        return self.forecaster
+
+
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block; the previous train/eval flag is restored after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+def _nonempty(condition: torch.Tensor | None) -> torch.Tensor | None:
+    """A static condition with zero channels (a store without `cond_*` fields) means none."""
+    return None if condition is None or condition.shape[1] == 0 else condition

@@ -1,0 +1,865 @@
+"""Training workflows: `train_interpolator` (DYffusion stage 1) and `train_forecaster` (stage 2 or a baseline).
+
+What happens, in order (`_fit` reads top to bottom, nanoGPT style):
+
+1. Join the process group when launched by `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK) or by `srun`
+   (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT); gloo on CPU, nccl on GPU.
+2. Decide between a fresh start and a resume: `<out>.state.pt` present -> continue from it (same command,
+   same settings); `--out` present without a state file -> refuse unless `--overwrite`.
+3. Windows of length h + 1 from the store's `train` split (DistributedSampler, seeded per epoch) and an
+   evenly spaced subset of the `val` split.
+4. AdamW (betas (0.9, 0.99)), gradient accumulation, global-norm clipping, optional EMA and cosine LR
+   schedule, bf16 autocast and torch.compile on CUDA only.
+5. Every `validate_every` steps (or epoch): ensemble CRPS on the validation windows; the best network
+   so far is saved atomically to `--out` (selection by CRPS, as the paper does).
+6. SIGTERM or SIGUSR1 (SLURM's warning before the time limit): finish the optimiser step, save the
+   training state, exit 75 (`Interrupted`); re-running the same command resumes.
+
+Data parallelism: gradients are averaged with one flat all-reduce per optimiser step instead of wrapping
+the network in DistributedDataParallel, because the forecaster loss calls the network twice and
+back-propagates through the frozen interpolator, which DDP's per-forward hooks do not expect; reducing
+once per step also makes accumulation free of communication. Randomness (dropout masks, sampled times)
+is reseeded from (seed, rank, step) at every optimiser step, so a resumed run repeats exactly what the
+uninterrupted run would have done, without storing RNG states.
+
+Outputs: `--out` (the inference checkpoint, `checkpoint.py`), `<out>.run/config.yaml` (the resolved
+config), `<out>.run/metrics.jsonl` (one JSON line per logged step and per validation), and while a run is
+unfinished `<out>.state.pt` (removed when it completes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dyfcli import checkpoint as ckpt
+from dyfcli.config import RunConfig, apply_overrides, config_from_dict, load_config, read_preset, to_yaml
+from dyfcli.errors import CheckpointError, ConfigError, DataError, Interrupted, UsageError
+from dyfcli.noise import MemberNoise
+
+log = logging.getLogger("dyf")
+
+BASELINE_METHODS = ckpt.BASELINE_KINDS
+VALIDATION_SALT = 0x5A11D  # validation ensembles draw from their own streams, fixed across validations
+
+
+# ================================================================================================ methods
+
+class TrainingMethod(Protocol):
+    """What the loop needs from a method (DYffusion stage 1 or 2, or a baseline from `baselines.py`).
+
+    kind: the checkpoint kind (`interpolator`, `forecaster`, or the baseline's name).
+    network: the module whose parameters are trained and saved as the checkpoint's `state_dict`.
+    loss(batch): the training loss of one batch (on the device) -> (scalar tensor, extra terms to log).
+    validation_ensemble(batch, noise, members): `(ensemble (M, L, B, C, Y, X), truth (L, B, C, Y, X))`
+      for the batch's windows, member m of window b drawing from `noise` row m * B + b (member-major).
+    """
+
+    kind: str
+    network: nn.Module
+
+    def to(self, device: torch.device) -> None: ...
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def validation_ensemble(self, batch: dict[str, torch.Tensor], noise: MemberNoise,
+                            members: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _repeat_members(tensor: torch.Tensor | None, members: int) -> torch.Tensor | None:
+    """(B, ...) -> (M * B, ...) member-major: row m * B + b is member m of window b."""
+    return None if tensor is None else tensor.repeat(members, *([1] * (tensor.ndim - 1)))
+
+
+def _members_first(rows: torch.Tensor, members: int) -> torch.Tensor:
+    """(M * B, L, ...) -> (M, L, B, ...)."""
+    return rows.view(members, -1, *rows.shape[1:]).transpose(1, 2)
+
+
+@dataclass
+class InterpolatorStage:
+    """DYffusion stage 1: MSE of I(x0, xh, i); validation ensembles of I at every i in 1..h-1."""
+
+    model: Any  # model.DYffusionModel without a forecaster
+    kind: str = "interpolator"
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.interpolator
+
+    def to(self, device):
+        self.model.to(device)
+
+    def loss(self, batch):
+        return self.model.interpolator_loss(batch), {}
+
+    def validation_ensemble(self, batch, noise, members):
+        dynamics = batch["dynamics"]
+        x0, xh = _repeat_members(dynamics[:, 0], members), _repeat_members(dynamics[:, -1], members)
+        rows = self.model.interpolate_window(x0, xh, _repeat_members(batch["condition"], members), noise)
+        return _members_first(rows, members), dynamics[:, 1:-1].transpose(0, 1)
+
+
+@dataclass
+class ForecasterStage:
+    """DYffusion stage 2: the two-term L1 loss around the frozen interpolator; sampled validation ensembles."""
+
+    model: Any  # model.DYffusionModel with both networks
+    kind: str = "forecaster"
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.forecaster
+
+    def to(self, device):
+        self.model.to(device)
+
+    def loss(self, batch):
+        terms = self.model.forecaster_loss(batch)
+        return terms.total, {"loss_forward": terms.forward, "loss_lookahead": terms.lookahead}
+
+    def validation_ensemble(self, batch, noise, members):
+        dynamics = batch["dynamics"]
+        rows = self.model.sample_window(_repeat_members(dynamics[:, 0], members),
+                                        _repeat_members(batch["condition"], members), noise)
+        return _members_first(rows, members), dynamics[:, 1:].transpose(0, 1)
+
+
+def build_method(method: str, config: RunConfig, fields: int, conditions: int,
+                 interpolator: ckpt.Checkpoint | None) -> TrainingMethod:
+    """The one place that tells the methods apart: `interpolator`, `dyffusion` (stage 2) or a baseline."""
+    from dyfcli.model import DYffusionModel, DYffusionSettings, forecaster_channels, interpolator_channels
+
+    settings = _settings(DYffusionSettings, config)
+    if method == "interpolator":
+        network = _network(config.interpolator.network, interpolator_channels(fields, conditions), "interpolator")
+        return InterpolatorStage(DYffusionModel(network, None, settings))
+    if method == "dyffusion":
+        assert interpolator is not None, "stage 2 needs the interpolator checkpoint"
+        frozen = _network(config.interpolator.network, interpolator_channels(fields, conditions), "interpolator")
+        _load_weights(frozen, interpolator)
+        channels = forecaster_channels(fields, conditions, config.forecaster.forward_conditioning)
+        network = _network(config.forecaster.network, channels, "forecaster")
+        return ForecasterStage(DYffusionModel(frozen, network, settings))
+    from dyfcli import baselines  # written later; exposes training_method(name, config, fields, conditions)
+
+    return baselines.training_method(method, config, fields, conditions)
+
+
+def _settings(settings_class, config: RunConfig):
+    try:
+        return settings_class.from_config(config)
+    except ValueError as err:  # e.g. an unknown sampling.schedule: make_schedule is the one judge
+        raise ConfigError(f"invalid DYffusion settings: {err}") from None
+
+
+def _network(network_config, channels: dict[str, int], stage: str) -> nn.Module:
+    from dyfcli.networks import build_network
+
+    try:
+        return build_network(network_config.kind, **channels, **network_config.build_arguments())
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{stage}.network: {err}") from None
+
+
+def _load_weights(network: nn.Module, checkpoint: ckpt.Checkpoint) -> None:
+    try:
+        network.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"the {checkpoint.kind} weights do not fit the network its config describes "
+                              f"({str(err).splitlines()[0][:160]}); re-train it with this dyf") from None
+
+
+# ================================================================================================ workflows
+
+def train_interpolator(data: Path | str, out: Path | str, config: RunConfig, *, device: str = "auto",
+                       overwrite: bool = False) -> dict:
+    """Train DYffusion's stage 1 on `data` with `config` (`config.load_config`); the best interpolator by
+    validation CRPS goes to `out`."""
+    with distributed() as ranks:
+        return _fit("interpolator", config, Path(data), Path(out), None, device, overwrite, ranks)
+
+
+def train_forecaster(data: Path | str, out: Path | str, *, interpolator: Path | str | None = None,
+                     method: str = "dyffusion", preset: str | None = None,
+                     overrides: list[str] | tuple[str, ...] = (), device: str = "auto",
+                     overwrite: bool = False) -> dict:
+    """Train DYffusion's forecaster (frozen `interpolator`) or a baseline (`method`) on `data` -> `out`.
+
+    Without `preset` the configuration is the interpolator's (plus `overrides`); the `interpolator`
+    section always stays the one the interpolator was trained with.
+    """
+    if method not in ("dyffusion", *BASELINE_METHODS):
+        raise UsageError(f"--method {method!r} is not one of dyffusion, {', '.join(BASELINE_METHODS)}")
+    stage1 = None
+    if method == "dyffusion":
+        if interpolator is None:
+            raise UsageError("train-forecaster --method dyffusion needs --interpolator interpolator.pt "
+                             "(from `dyf train-interpolator`)")
+        stage1 = ckpt.load_checkpoint(Path(interpolator), expect_kind="interpolator")
+        config = forecaster_config(stage1, preset, overrides)
+    else:
+        config = load_config(preset, overrides)
+    with distributed() as ranks:
+        return _fit(method, config, Path(data), Path(out), stage1, device, overwrite, ranks)
+
+
+def forecaster_config(interpolator: ckpt.Checkpoint, preset: str | None, overrides) -> RunConfig:
+    """The stage 2 config: a preset (or the interpolator's own config) with overrides, keeping the
+    interpolator section and horizon of the trained interpolator."""
+    document = read_preset(preset) if preset is not None else interpolator.config
+    document = apply_overrides(document, overrides)
+    document = {**document, "interpolator": interpolator.config["interpolator"]}
+    config = config_from_dict(document, f"preset {preset}" if preset else "the interpolator's config")
+    trained_horizon = interpolator.config["data"]["horizon"]
+    if config.data.horizon != trained_horizon:
+        raise ConfigError(f"data.horizon = {config.data.horizon} but the interpolator was trained with horizon "
+                          f"{trained_horizon}; use the same horizon (or re-train the interpolator)")
+    return config
+
+
+# ================================================================================================ the loop
+
+@dataclass
+class Run:
+    """Everything one training run knows besides the loop's counters."""
+
+    kind: str
+    method_name: str
+    config: RunConfig
+    stage: Any  # config.InterpolatorConfig | config.ForecasterConfig
+    data: Path
+    out: Path
+    device: torch.device
+    ranks: Ranks
+    template: dict[str, Any]  # checkpoint fields shared by every save
+    run_dir: Path
+    mask: torch.Tensor  # (S, Y, X) bool, valid points of the store
+
+
+@dataclass
+class Progress:
+    """The loop's counters: saved in the training state, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_done: int = 0  # micro-batches of the current epoch already used
+    best_crps: float = math.inf
+    best_step: int = -1
+    stale_validations: int = 0
+    last_validated_step: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolator: ckpt.Checkpoint | None,
+         device_spec: str, overwrite: bool, ranks: Ranks) -> dict:
+    from dyfcli.data import WindowDataset
+    from dyfcli.store import open_store
+
+    started = time.monotonic()
+    kind = {"interpolator": "interpolator", "dyffusion": "forecaster"}.get(method_name, method_name)
+    stage = config.interpolator if kind == "interpolator" else config.forecaster
+    device = _device(device_spec, ranks)
+    state = _prepare_output(out, overwrite, ranks)
+    store = open_store(data)
+    if interpolator is not None:
+        ckpt.check_compatible(interpolator, store)
+    train_set = WindowDataset(data, "train", config.data.horizon + 1)
+    val_set = _validation_set(data, store, config)
+    run = Run(kind, "dyffusion" if kind in ckpt.DYFFUSION_KINDS else kind, config, stage, data, out, device,
+              ranks, _template(store, train_set, interpolator), Path(str(out) + ".run"),
+              torch.from_numpy(store.ds["mask"].values.astype(bool)))
+    if state is not None:
+        _check_resumable(state, config, kind, out)
+
+    torch.manual_seed(config.training.seed)  # identical initial weights on every rank
+    method = build_method(method_name, config, len(train_set.fields), len(train_set.cond_names), interpolator)
+    method.to(device)
+    network = method.network
+    network.train()
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=stage.lr,
+                                  betas=config.training.betas, eps=config.training.eps,
+                                  weight_decay=stage.weight_decay)
+    ema = Ema(network, config.training.ema.decay) if config.training.ema.enabled else None
+    progress = Progress()
+    if state is not None:
+        progress = _restore(state, network, optimizer, ema)
+        log.info("resuming %s training from step %d (epoch %d)", kind, progress.step, progress.epoch)
+    ranks.broadcast_module(network)
+    _write_run_files(run, resumed=state is not None)
+
+    use_cuda = device.type == "cuda"
+    if config.training.compile and use_cuda:
+        network.compile()
+    if (config.training.compile or config.training.bf16) and not use_cuda:
+        log.info("bf16 and compile apply on CUDA only; training in float32 on %s", device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.training.bf16 and use_cuda
+                else nullcontext())
+    loader_for_epoch, micro_per_epoch = _train_loader(train_set, config, ranks, use_cuda)
+    accumulation = config.training.accumulation
+    steps_per_epoch = math.ceil(micro_per_epoch / accumulation)
+    total_steps = min(stage.max_steps or math.inf, stage.epochs * steps_per_epoch)
+    resumed_from = progress.step
+
+    with stop_signals() as stop_requested, _progress_bar(run, total_steps - progress.step) as bar:
+        if state is not None and state.get("pending_validation"):
+            _validate(run, method, val_set, progress, ema)
+        micro_in_step, loss_sum, loss_count, shown = 0, torch.zeros((), device=device), 0, {}
+        while progress.step < total_steps and not _patience_exhausted(run, progress):
+            for batch in loader_for_epoch(progress.epoch, progress.micro_done):
+                if micro_in_step == 0:
+                    torch.manual_seed(_step_seed(config.training.seed, ranks.rank, progress.step))
+                batch = _to_device(batch, device)
+                with autocast:
+                    loss, extra = method.loss(batch)
+                (loss / accumulation).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+                micro_in_step += 1
+                progress.micro_done += 1
+                if micro_in_step < accumulation and progress.micro_done < micro_per_epoch:
+                    continue
+                # one optimiser step: average gradients over ranks, clip, set the learning rate, step
+                ranks.average_gradients(network)
+                if config.training.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(network.parameters(), config.training.grad_clip)
+                learning_rate = _learning_rate(config, stage.lr, progress.step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(network)
+                progress.step += 1
+                micro_in_step = 0
+                if progress.step % config.training.log_every == 0 or progress.step == total_steps:
+                    shown = _log_step(run, progress, ranks.mean(loss_sum / max(loss_count, 1)), learning_rate, extra)
+                    loss_sum, loss_count = torch.zeros((), device=device), 0
+                bar.advance(1, **shown)
+                if config.training.validate_every and progress.step % config.training.validate_every == 0:
+                    _validate(run, method, val_set, progress, ema, stop_requested)
+                if ranks.any(stop_requested()):
+                    _interrupt(run, network, optimizer, ema, progress)
+                if progress.step >= total_steps or _patience_exhausted(run, progress):
+                    break
+            if progress.micro_done >= micro_per_epoch:  # the epoch is complete
+                progress.epoch, progress.micro_done = progress.epoch + 1, 0
+                if not config.training.validate_every:
+                    _validate(run, method, val_set, progress, ema, stop_requested)
+                    if ranks.any(stop_requested()):
+                        _interrupt(run, network, optimizer, ema, progress)
+            if progress.epoch >= stage.epochs:
+                break
+        if progress.last_validated_step != progress.step:
+            _validate(run, method, val_set, progress, ema)
+    return _finish(run, network, ema, progress, resumed_from, started)
+
+
+# How long to train may change between an interrupted run and its resume; nothing else may.
+_RUN_LENGTH_KEYS = {("interpolator", "epochs"), ("interpolator", "max_steps"), ("forecaster", "epochs"),
+                    ("forecaster", "max_steps")}
+
+
+def _check_resumable(state: dict, config: RunConfig, kind: str, out: Path) -> None:
+    def settings(document: dict) -> dict:
+        return {(section, key): value for section, values in document.items() if isinstance(values, dict)
+                for key, value in values.items() if (section, key) not in _RUN_LENGTH_KEYS}
+
+    if state.get("kind") != kind or settings(state["config"]) != settings(config.to_dict()):
+        raise UsageError(f"{ckpt.state_path(out)} was written by a run with other settings; re-run the same "
+                         "command to resume (only epochs/max_steps may change), or pass --overwrite to start again")
+
+
+def _patience_exhausted(run: Run, progress: Progress) -> bool:
+    patience = run.config.training.patience
+    return patience is not None and progress.stale_validations >= patience
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for optimiser step `step` on `rank`: resumed runs draw exactly what the original would have."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def _learning_rate(config: RunConfig, base: float, step: int, total_steps: float) -> float:
+    """Linear warm-up, then constant (`none`) or cosine decay to 0 over the run (`cosine`)."""
+    warmup = config.training.warmup_steps
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if config.training.lr_schedule == "cosine" and math.isfinite(total_steps):
+        progress = (step - warmup) / max(1.0, total_steps - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+# ================================================================================================ data
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process (SLURM signals every process)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    """The indices of `sampler` after the first `skip` (resuming in the middle of an epoch)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def _train_loader(train_set, config: RunConfig, ranks: Ranks, pin_memory: bool):
+    """`loader_for_epoch(epoch, micro_done)` and the number of micro-batches per epoch on this rank."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(train_set, num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
+                                 seed=config.training.seed, drop_last=False)
+    batch_size = config.data.batch_size
+
+    def loader_for_epoch(epoch: int, micro_done: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        return DataLoader(train_set, batch_size=batch_size, sampler=_SkipSampler(sampler, micro_done * batch_size),
+                          num_workers=config.data.num_workers, pin_memory=pin_memory, drop_last=False,
+                          worker_init_fn=_ignore_stop_signals if config.data.num_workers else None)
+
+    return loader_for_epoch, math.ceil(len(sampler) / batch_size)
+
+
+def _validation_set(data: Path, store, config: RunConfig):
+    """The validation windows (an evenly spaced subset when `val_max_batches` is set), or None."""
+    from dyfcli.data import WindowDataset
+
+    if "val" not in store.splits:
+        log.warning("the store has no 'val' split: no validation; the final weights are kept")
+        return None
+    try:
+        windows = WindowDataset(data, "val", config.data.horizon + 1)
+    except DataError as err:
+        log.warning("no validation (%s); the final weights are kept", err.message)
+        return None
+    count = len(windows)
+    if config.training.val_max_batches is not None:
+        count = min(count, config.training.val_max_batches * config.data.eval_batch_size)
+    indices = sorted({round(i * (len(windows) - 1) / max(1, count - 1)) for i in range(count)})
+    return torch.utils.data.Subset(windows, indices)
+
+
+# ================================================================================================ validation
+
+@torch.no_grad()
+def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema: Ema | None,
+              stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Ensemble CRPS on the validation windows; save the network when it is the best so far."""
+    from dyfcli.metrics import ScoreAccumulator, lead_mean
+
+    progress.last_validated_step = progress.step
+    if val_set is None:
+        return
+    members, network = run.config.training.val_ensemble, method.network
+    mine = torch.utils.data.Subset(val_set, list(range(run.ranks.rank, len(val_set), run.ranks.world)))
+    loader = torch.utils.data.DataLoader(mine, batch_size=run.config.data.eval_batch_size, shuffle=False,
+                                         num_workers=run.config.data.num_workers)
+    scores = None
+    with (ema.swapped_in(network) if ema is not None else nullcontext()), _eval(network):
+        for batch in loader:
+            if stop_requested():
+                break  # the caller saves the state; the validation is repeated after the resume
+            batch = _to_device(batch, run.device)
+            window_ids = batch["series"].to(torch.int64) * 1_000_000_007 + batch["start"].to(torch.int64)
+            member_ids = (window_ids[None, :] * members + torch.arange(members, device=run.device)[:, None])
+            noise = MemberNoise.for_members(run.config.training.seed, member_ids.flatten(), salt=VALIDATION_SALT,
+                                            device=run.device)
+            ensemble, truth = method.validation_ensemble(batch, noise, members)
+            mask = run.mask[batch["series"].cpu()].unsqueeze(1).expand(-1, truth.shape[2], -1, -1)
+            if scores is None:
+                scores = ScoreAccumulator(leads=truth.shape[0], members=members)
+            scores.update(ensemble.float(), truth.float(), mask)
+    if run.ranks.any(stop_requested()):
+        progress.last_validated_step = -1
+        return
+    per_lead = _crps_per_lead(scores, run)
+    crps = lead_mean(per_lead)
+    improved = crps < progress.best_crps
+    if improved:
+        progress.best_crps, progress.best_step, progress.stale_validations = crps, progress.step, 0
+        _save_inference_checkpoint(run, network, ema, progress, complete=False)
+    else:
+        progress.stale_validations += 1
+    record = {"step": progress.step, "epoch": progress.epoch, "val_crps": crps, "best": improved}
+    progress.history.append({"step": progress.step, "val_crps": crps})
+    _append_metrics(run, {**record, "val_crps_per_lead": [float(v) for v in per_lead]})
+    log.info("%s step %d: validation CRPS %.5g%s", run.kind, progress.step, crps, " (best)" if improved else "")
+
+
+def _crps_per_lead(scores, run: Run) -> torch.Tensor:
+    """Per-lead CRPS summed over every rank's windows (ranks without windows contribute zeros)."""
+    leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
+    sums = torch.zeros(2, leads, dtype=torch.float64)
+    if scores is not None:
+        sums[0], sums[1] = scores.sums["crps"], scores.count
+    sums = run.ranks.sum(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
+@contextmanager
+def _eval(network: nn.Module) -> Iterator[None]:
+    was_training = network.training
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train(was_training)
+
+
+# ================================================================================================ EMA
+
+class Ema:
+    """Exponential moving average of a network's floating-point state, warmed up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, network: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {name: value.detach().clone() for name, value in network.state_dict().items()
+                       if value.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = network.state_dict()
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [current[n].detach() for n in names], 1.0 - decay)
+
+    def state_dict_of(self, network: nn.Module) -> dict[str, torch.Tensor]:
+        """The network's state dict with the EMA values in place of the floating-point entries."""
+        return {name: self.shadow.get(name, value) for name, value in network.state_dict().items()}
+
+    @contextmanager
+    def swapped_in(self, network: nn.Module) -> Iterator[None]:
+        backup = {name: value.detach().clone() for name, value in network.state_dict().items()}
+        network.load_state_dict(self.state_dict_of(network))
+        try:
+            yield
+        finally:
+            network.load_state_dict(backup)
+
+
+# ================================================================================================ outputs
+
+def _device(spec: str, ranks: Ranks) -> torch.device:
+    from dyfcli.runtime import resolve_device
+
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        if ranks.world > 1 and device.index is None:
+            device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the reference trains
+    return device
+
+
+def _prepare_output(out: Path, overwrite: bool, ranks: Ranks) -> dict | None:
+    """The training state to resume from, or None for a fresh start (after clearing old outputs)."""
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of --out {out} does not exist; create {out.parent} first")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
+    state_file = ckpt.state_path(out)
+    if overwrite:
+        ranks.barrier()
+        if ranks.is_main:
+            for path in (out, state_file):
+                path.unlink(missing_ok=True)
+            shutil.rmtree(Path(str(out) + ".run"), ignore_errors=True)
+        ranks.barrier()
+        return None
+    if state_file.exists():
+        return ckpt.load_training_state(state_file)
+    if out.exists():
+        raise UsageError(f"{out} already exists (a finished run); pass --overwrite to replace it or choose "
+                         "another --out")
+    return None
+
+
+def _template(store, train_set, interpolator: ckpt.Checkpoint | None) -> dict[str, Any]:
+    return {"fields": list(train_set.fields), "grid": tuple(train_set.grid), "cond_names": list(train_set.cond_names),
+            "normalizer": train_set.normalizer.get_state(), "store": ckpt.store_identity(store),
+            "interpolator": interpolator}
+
+
+def _write_run_files(run: Run, resumed: bool) -> None:
+    if not run.ranks.is_main:
+        return
+    run.run_dir.mkdir(exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(to_yaml(run.config))
+    _append_metrics(run, {"event": "resumed" if resumed else "started", "kind": run.kind,
+                          "world_size": run.ranks.world, "device": str(run.device), "data": str(run.data)})
+
+
+def _append_metrics(run: Run, record: dict) -> None:
+    if run.ranks.is_main:
+        with open(run.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _log_step(run: Run, progress: Progress, loss: torch.Tensor, learning_rate: float, extra: dict) -> dict:
+    """Append a step record to metrics.jsonl; returns what the progress line shows."""
+    record = {"step": progress.step, "epoch": progress.epoch, "loss": float(loss), "lr": learning_rate,
+              **{name: float(value.detach()) for name, value in extra.items()}}
+    _append_metrics(run, record)
+    return {"loss": record["loss"]}
+
+
+def _checkpoint(run: Run, state_dict: dict, progress: Progress, complete: bool) -> ckpt.Checkpoint:
+    template = run.template
+    return ckpt.Checkpoint(
+        kind=run.kind, method=run.method_name, config=run.config.to_dict(), fields=template["fields"],
+        grid=template["grid"], cond_names=template["cond_names"], normalizer=template["normalizer"],
+        store=template["store"], state_dict=state_dict, interpolator=template["interpolator"],
+        training={"step": progress.best_step if progress.best_step >= 0 else progress.step,
+                  "epoch": progress.epoch, "val_crps": progress.best_crps if math.isfinite(progress.best_crps) else None,
+                  "world_size": run.ranks.world, "complete": complete})
+
+
+def _weights(network: nn.Module, ema: Ema | None) -> dict[str, torch.Tensor]:
+    state = ema.state_dict_of(network) if ema is not None else network.state_dict()
+    return {name: value.detach().cpu().clone() for name, value in state.items()}
+
+
+def _save_inference_checkpoint(run: Run, network: nn.Module, ema: Ema | None, progress: Progress,
+                               complete: bool) -> None:
+    if run.ranks.is_main:
+        ckpt.save_checkpoint(run.out, _checkpoint(run, _weights(network, ema), progress, complete))
+
+
+def _interrupt(run: Run, network: nn.Module, optimizer, ema: Ema | None, progress: Progress) -> None:
+    """Save the training state and stop with exit 75; the same command resumes."""
+    if run.ranks.is_main:
+        ckpt.save_training_state(ckpt.state_path(run.out), {
+            "config": run.config.to_dict(), "kind": run.kind, "data": str(run.data),
+            "progress": _progress_state(progress), "network": _weights(network, None),
+            "optimizer": optimizer.state_dict(), "ema": None if ema is None else {
+                "shadow": ema.shadow, "updates": ema.updates},
+            "pending_validation": progress.last_validated_step != progress.step and _validation_due(run, progress),
+        })
+        _append_metrics(run, {"event": "interrupted", "step": progress.step})
+    run.ranks.barrier()
+    raise Interrupted(f"stopped by a signal at step {progress.step}; the training state is in "
+                      f"{ckpt.state_path(run.out)}: re-run the same command to resume")
+
+
+def _validation_due(run: Run, progress: Progress) -> bool:
+    every = run.config.training.validate_every
+    return progress.step % every == 0 if every else progress.micro_done == 0 and progress.epoch > 0
+
+
+def _progress_state(progress: Progress) -> dict:
+    return {"step": progress.step, "epoch": progress.epoch, "micro_done": progress.micro_done,
+            "best_crps": progress.best_crps, "best_step": progress.best_step,
+            "stale_validations": progress.stale_validations, "last_validated_step": progress.last_validated_step,
+            "history": progress.history}
+
+
+def _restore(state: dict, network: nn.Module, optimizer, ema: Ema | None) -> Progress:
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state.get("ema"):
+        ema.shadow = {name: value.to(next(network.parameters()).device) for name, value in state["ema"]["shadow"].items()}
+        ema.updates = int(state["ema"]["updates"])
+    return Progress(**state["progress"])
+
+
+def _finish(run: Run, network: nn.Module, ema: Ema | None, progress: Progress, resumed_from: int,
+            started: float) -> dict:
+    """Mark the best checkpoint complete (or save the final weights when nothing was validated)."""
+    if run.ranks.is_main:
+        if run.out.exists():
+            best = ckpt.load_checkpoint(run.out)
+            ckpt.save_checkpoint(run.out, dataclasses.replace(best, training={**best.training, "complete": True}))
+        else:
+            _save_inference_checkpoint(run, network, ema, progress, complete=True)
+        ckpt.state_path(run.out).unlink(missing_ok=True)
+        _append_metrics(run, {"event": "finished", "step": progress.step, "best_val_crps": _finite(progress.best_crps),
+                              "best_step": progress.best_step})
+    run.ranks.barrier()
+    return {"out": str(run.out), "kind": run.kind, "method": run.method_name, "steps": progress.step,
+            "epochs": progress.epoch, "best_val_crps": _finite(progress.best_crps), "best_step": progress.best_step,
+            "validations": progress.history, "resumed_from_step": resumed_from or None,
+            "parameters": sum(p.numel() for p in network.parameters() if p.requires_grad),
+            "world_size": run.ranks.world, "rank": run.ranks.rank, "device": str(run.device),
+            "run_dir": str(run.run_dir),
+            "seconds": round(time.monotonic() - started, 2)}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@contextmanager
+def _progress_bar(run: Run, remaining_steps: float):
+    from dyfcli.runtime import progress
+
+    if not run.ranks.is_main:
+        yield _SilentBar()
+        return
+    total = int(remaining_steps) if math.isfinite(remaining_steps) else None
+    with progress(f"train {run.kind}", total, "step") as bar:
+        yield bar
+
+
+class _SilentBar:
+    def advance(self, n: int = 1, **info: object) -> None:
+        pass
+
+
+# ================================================================================================ signals
+
+@contextmanager
+def stop_signals() -> Iterator[Callable[[], bool]]:
+    """SIGTERM and SIGUSR1 set a flag the loop checks after each optimiser step (main thread only)."""
+    import threading
+
+    requested = {"stop": False}
+    names = [name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in names:
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, lambda signum, frame: _request_stop(requested, signum))
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _request_stop(requested: dict, signum: int) -> None:
+    if not requested["stop"]:
+        log.warning("received %s: saving the training state after this step", signal.Signals(signum).name)
+    requested["stop"] = True
+
+
+# ================================================================================================ distributed
+
+@dataclass
+class Ranks:
+    """This process's place in the job; collective helpers are no-ops for a single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        device = _collective_device()
+        reduced = tensor.to(device)
+        torch.distributed.all_reduce(reduced)
+        return reduced.to(tensor.device)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.sum(tensor) / self.world
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        return bool(self.sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def average_gradients(self, network: nn.Module) -> None:
+        """One flat all-reduce of every gradient, divided by the world size."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_module(self, network: nn.Module) -> None:
+        """Rank 0's parameters and buffers everywhere (same start, same BatchNorm statistics)."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for tensor in list(network.parameters()) + list(network.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def launch_environment(environ: dict[str, str] | None = None) -> dict[str, int] | None:
+    """Rank, world size and local rank from torchrun, or from srun when torchrun's variables are absent.
+
+    srun's SLURM_PROCID/SLURM_NTASKS count only when the job step really has several tasks (a plain
+    `sbatch` script with one task runs single-process); MASTER_ADDR falls back to the node srun ran from.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", "0"))}
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", "0"))}
+    return None
+
+
+@contextmanager
+def distributed() -> Iterator[Ranks]:
+    """Join (and leave) the process group when launched with several processes; gloo on CPU, nccl on GPU."""
+    launch = launch_environment()
+    if launch is None or launch["world"] <= 1:
+        yield Ranks()
+        return
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("LOCAL_RANK", str(launch["local_rank"]))  # read by runtime.resolve_device
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch["local_rank"])
+    dist.init_process_group(backend, rank=launch["rank"], world_size=launch["world"])
+    if launch["rank"] != 0:
+        logging.getLogger("dyf").setLevel(logging.WARNING)
+    try:
+        yield Ranks(launch["rank"], launch["world"], launch["local_rank"])
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,89 @@
+"""The forecast store schema (DESIGN §5): created empty, written block by block, completed, read back."""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from dyfcli import forecast_store
+from dyfcli.errors import DataError
+from dyfcli.store import open_store
+from storefactory import make_store
+
+
+def _layout(store, members=3, leads=(1.0, 2.0, 3.0), series=(0, 1), init_indices=(16, 18)):
+    ds = store.ds
+    init_time = ds["time"].values[list(init_indices)]
+    lead = np.asarray(leads)
+    lead_time = (lead * np.timedelta64(86400, "s")).astype("timedelta64[ns]")
+    return forecast_store.ForecastLayout(
+        fields=store.fields, field_attrs={name: dict(ds[name].attrs) for name in store.fields},
+        series=ds["series"].values[list(series)], init_time=init_time, members=members, lead=lead,
+        lead_time=lead_time, valid_time=init_time[:, None] + lead_time[None, :],
+        mask=ds["mask"].isel(series=list(series)).load(), identity={"seed": 7, "horizon": 3},
+        attrs={"dyf_truth": str(store.path), "dyf_seed": 7})
+
+
+@pytest.fixture(scope="module")
+def dated_store(tmp_path_factory):
+    return open_store(make_store(tmp_path_factory.mktemp("fs") / "s.zarr", dated=True, land=True))
+
+
+def test_created_schema_is_empty_and_readable(dated_store, tmp_path):
+    layout = _layout(dated_store)
+    forecast_store.create(tmp_path / "f.zarr", layout)
+    ds = xr.open_zarr(tmp_path / "f.zarr")
+    assert ds["u"].dims == ("series", "init", "member", "lead", "y", "x")
+    assert ds["u"].dtype == np.float32 and ds["u"].shape == (2, 2, 3, 3, 8, 12)
+    assert ds["u"].encoding["chunks"] == (1, 1, 3, 3, 8, 12)  # one chunk per (series, init) block
+    assert np.isnan(ds["u"].values).all()
+    assert not ds["done"].values.any()
+    np.testing.assert_array_equal(ds["mask"].values, dated_store.ds["mask"].values[:2])
+    assert ds["valid_time"].dims == ("init", "lead")
+    assert ds["valid_time"].values[1, 2] == np.datetime64("2000-01-19") + np.timedelta64(3, "D")
+    assert ds["lead_time"].values[0] == np.timedelta64(1, "D")
+    assert ds.attrs["dyf_format"] == "dyf-forecast" and ds.attrs["dyf_complete"] is False
+    assert ds.attrs["dyf_identity"] == {"seed": 7, "horizon": 3}
+    assert ds["u"].attrs["units"] == "1"
+
+
+def test_blocks_then_complete_then_open(dated_store, tmp_path):
+    path = tmp_path / "f.zarr"
+    forecast_store.create(path, _layout(dated_store))
+    writer = forecast_store.BlockWriter(path)
+    rng = np.random.default_rng(0)
+    blocks = {(s, i): rng.normal(size=(3, 3, 2, 8, 12)).astype(np.float32) for s in range(2) for i in range(2)}
+    for (s, i), block in list(blocks.items())[:3]:
+        writer.write(s, i, block)
+    assert writer.done().sum() == 3
+    with pytest.raises(DataError, match="incomplete.*--resume"):
+        forecast_store.open_forecast(path)
+    with pytest.raises(DataError, match="1 of 4 blocks"):
+        forecast_store.mark_complete(path)
+    summary = forecast_store.describe(path)
+    assert summary["complete"] is False and summary["blocks"] == {"done": 3, "total": 4}
+    writer.write(1, 1, blocks[1, 1])
+    forecast_store.mark_complete(path, {"dyf_extra": 1})
+    opened = forecast_store.open_forecast(path)
+    assert opened.fields == ["u", "v"] and opened.members == 3 and opened.truth == dated_store.path
+    for (s, i), block in blocks.items():
+        np.testing.assert_array_equal(opened.ds["v"].values[s, i], block[:, :, 1])
+    assert opened.ds.attrs["dyf_complete"] is True and opened.ds.attrs["dyf_extra"] == 1
+
+
+def test_open_forecast_refuses_other_things(dated_store, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        forecast_store.open_forecast(tmp_path / "none.zarr")
+    with pytest.raises(DataError, match="not a dyf forecast store"):
+        forecast_store.open_forecast(dated_store.path)
+    assert forecast_store.read_identity(dated_store.path) is None
+
+
+def test_inspect_describes_forecast(dyf, dated_store, tmp_path):
+    path = tmp_path / "f.zarr"
+    forecast_store.create(path, _layout(dated_store, members=2, leads=(1.0,), series=(0,), init_indices=(20,)))
+    doc = json.loads(dyf("--json", "inspect", str(path)).stdout)
+    assert doc["kind"] == "forecast" and doc["complete"] is False
+    assert doc["blocks"] == {"done": 0, "total": 1}
+    assert doc["sizes"]["member"] == 2 and doc["seed"] == 7

@@ -1,0 +1,202 @@
+"""Training: the real `dyf` commands end to end on the tiny preset, resume after SIGTERM (exactly where the
+uninterrupted run would be), refusal to overwrite, and a 2-process CPU DDP run under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyfcli import checkpoint as ckpt
+from dyfcli.cli import main
+from dyfcli.config import load_config
+from dyfcli.errors import Interrupted, UsageError
+from dyfcli.train import Ema, _learning_rate, _SkipSampler, launch_environment, train_interpolator
+from storefactory import make_store
+
+# One thread per process: on a small shared machine torch's thread pool mostly waits for other processes.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("train") / "s.zarr", land=True, cond=("obstacle",))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records(out: Path) -> list[dict]:
+    path = Path(str(out) + ".run") / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _train(store, out, settings, **options) -> dict:
+    return train_interpolator(store, out, load_config("tiny", settings), device="cpu", **options)
+
+
+def _exit_code(*args: str) -> int:
+    with pytest.raises(SystemExit) as raised:
+        main(list(args))
+    return raised.value.code
+
+
+def _wait_for_step(out: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("step" in record and "loss" in record for record in _records(out)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("training logged no step in time")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+def test_tiny_pipeline_through_the_dyf_command(dyf, store, tmp_path):
+    interpolator, model = tmp_path / "interpolator.pt", tmp_path / "model.pt"
+    first = json.loads(dyf("--json", "train-interpolator", "--data", str(store), "--preset", "tiny",
+                           "--set", "interpolator.max_steps=6", "--set", "training.validate_every=3",
+                           "--out", str(interpolator), env=ONE_THREAD).stdout)
+    assert first["ok"] and first["kind"] == "interpolator" and first["steps"] == 6
+    assert [v["step"] for v in first["validations"]] == [3, 6] and first["best_val_crps"] > 0
+    second = dyf("--json", "train-forecaster", "--data", str(store), "--interpolator", str(interpolator),
+                 "--set", "forecaster.max_steps=4", "--set", "training.validate_every=2", "--out", str(model),
+                 env=ONE_THREAD)
+    summary = json.loads(second.stdout)
+    assert summary["kind"] == "forecaster" and summary["method"] == "dyffusion" and summary["steps"] == 4
+    assert "train forecaster" in second.stderr  # progress lines on stderr
+    loaded = ckpt.load_checkpoint(model, expect_kind="forecaster")
+    assert loaded.interpolator.kind == "interpolator" and loaded.training["complete"]
+    assert loaded.config["interpolator"] == loaded.interpolator.config["interpolator"]
+    assert loaded.cond_names == ["cond_obstacle"] and loaded.config["forecaster"]["max_steps"] == 4
+    assert not ckpt.state_path(model).exists()
+    run_dir = Path(str(model) + ".run")
+    assert "forward_conditioning: data+noise" in (run_dir / "config.yaml").read_text()
+    records = _records(model)
+    assert {"loss_forward", "loss_lookahead"} <= set(next(r for r in records if "loss" in r))
+    assert [r["step"] for r in records if "val_crps" in r] == [2, 4]
+    # The wrong kind of checkpoint, or none, is exit 5; a finished --out needs --overwrite (exit 2).
+    assert _exit_code("train-forecaster", "--data", str(store), "--interpolator", str(model),
+                      "--out", str(tmp_path / "again.pt")) == 5
+    assert _exit_code("train-forecaster", "--data", str(store), "--interpolator", str(tmp_path / "none.pt"),
+                      "--out", str(tmp_path / "again.pt")) == 5
+    assert _exit_code("train-interpolator", "--data", str(store), "--out", str(interpolator)) == 2
+
+
+def test_existing_output_needs_overwrite(store, tmp_path, one_thread):
+    out = tmp_path / "i.pt"
+    settings = ["interpolator.max_steps=2", "training.validate_every=2"]
+    _train(store, out, settings)
+    with pytest.raises(UsageError, match="--overwrite"):
+        _train(store, out, settings)
+    summary = _train(store, out, settings, overwrite=True)
+    assert summary["steps"] == 2 and summary["resumed_from_step"] is None
+
+
+def test_sigterm_saves_state_exits_75_and_the_same_command_resumes(store, tmp_path, one_thread):
+    out = tmp_path / "interpolator.pt"
+    settings = ["training.log_every=1", "training.validate_every=1000"]
+    exe = Path(sys.executable).with_name("dyf")
+    command = ["train-interpolator", "--data", str(store), "--out", str(out)]
+    command += [arg for setting in settings for arg in ("--set", setting)]
+    process = subprocess.Popen([str(exe), *command, "--set", "interpolator.max_steps=100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ONE_THREAD})
+    try:
+        _wait_for_step(out)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 75, stderr
+    assert "re-run the same command" in stderr
+    saved = ckpt.load_training_state(ckpt.state_path(out))["progress"]["step"]
+    assert saved >= 1 and not out.exists()
+    other = ["training.seed=1", *settings, f"interpolator.max_steps={saved + 3}"]
+    with pytest.raises(UsageError, match="other settings"):
+        _train(store, out, other)
+    resumed = _train(store, out, [*settings, f"interpolator.max_steps={saved + 3}"])  # the same command, in-process
+    assert resumed["resumed_from_step"] == saved and resumed["steps"] == saved + 3
+    assert not ckpt.state_path(out).exists() and out.exists()
+    events = [r.get("event") for r in _records(out) if "event" in r]
+    assert events == ["started", "interrupted", "resumed", "finished"]
+
+
+def test_resumed_run_ends_exactly_where_the_uninterrupted_run_does(store, tmp_path, one_thread):
+    common = ["training.log_every=1", "training.validate_every=1000", "training.val_max_batches=1"]
+    interrupted = tmp_path / "interrupted.pt"
+    timer = threading.Thread(target=lambda: (_wait_for_step(interrupted), os.kill(os.getpid(), signal.SIGTERM)))
+    timer.start()
+    with pytest.raises(Interrupted):
+        _train(store, interrupted, [*common, "interpolator.max_steps=100000"])
+    timer.join()
+    stop = ckpt.load_training_state(ckpt.state_path(interrupted))["progress"]["step"] + 2
+    resumed = _train(store, interrupted, [*common, f"interpolator.max_steps={stop}"])
+    straight = _train(store, tmp_path / "straight.pt", [*common, f"interpolator.max_steps={stop}"])
+    assert resumed["resumed_from_step"] == stop - 2 and straight["steps"] == resumed["steps"] == stop
+    assert resumed["best_val_crps"] == straight["best_val_crps"]
+    a = ckpt.load_checkpoint(interrupted).state_dict
+    b = ckpt.load_checkpoint(tmp_path / "straight.pt").state_dict
+    assert all(torch.equal(a[name], b[name]) for name in b)
+
+
+def test_two_process_ddp_on_cpu_with_torchrun(store, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp.pt"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "dyfcli", "--json",
+                           "train-interpolator", "--data", str(store), "--out", str(out),
+                           "--set", "interpolator.max_steps=3", "--set", "training.validate_every=3"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr
+    documents = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(documents) == 1 and documents[0]["world_size"] == 2 and documents[0]["steps"] == 3
+    assert ckpt.load_checkpoint(out).training["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+def test_launch_environment_reads_torchrun_then_srun_but_not_plain_sbatch():
+    assert launch_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == \
+        {"rank": 3, "world": 8, "local_rank": 1}
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0"}
+    assert launch_environment(srun) == {"rank": 5, "world": 8, "local_rank": 1}
+    assert launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None  # the batch script itself
+    assert launch_environment({}) is None
+
+
+def test_learning_rate_warmup_and_cosine():
+    flat = load_config("tiny")
+    assert _learning_rate(flat, 1e-3, 0, 100) == _learning_rate(flat, 1e-3, 99, 100) == 1e-3
+    cosine = load_config("tiny", ["training.lr_schedule=cosine", "training.warmup_steps=10"])
+    assert _learning_rate(cosine, 1.0, 0, 110) == pytest.approx(0.1)
+    assert _learning_rate(cosine, 1.0, 10, 110) == pytest.approx(1.0)
+    assert _learning_rate(cosine, 1.0, 60, 110) == pytest.approx(0.5)
+    assert _learning_rate(cosine, 1.0, 110, 110) == pytest.approx(0.0)
+
+
+def test_ema_follows_the_warmed_up_decay():
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    ema = Ema(network, decay=0.9)
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    ema.update(network)  # decay min(0.9, 2/11)
+    assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
+    with ema.swapped_in(network):
+        assert network.weight.item() == pytest.approx(1 - 2 / 11)
+    assert network.weight.item() == 1.0
+
+
+def test_skip_sampler_resumes_mid_epoch():
+    assert list(_SkipSampler(range(10), 4)) == [4, 5, 6, 7, 8, 9] and len(_SkipSampler(range(10), 4)) == 6
