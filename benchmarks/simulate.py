@@ -21,29 +21,40 @@ from dyfcli.runtime import resolve_device
 from dyfcli.sources import navier_stokes, nnbenchmark, spring_mesh
 
 
-def time_spring_mesh(device: torch.device) -> float:
-    started = time.perf_counter()
-    spring_mesh.simulated_trajectories(dict(spring_mesh.DEFAULT_COUNTS), seed=0, device=device)
-    return time.perf_counter() - started
+class Clock:
+    """Wall-clock and process CPU seconds; on a busy shared machine CPU seconds ≈ wall time when alone."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def time_navier_stokes(device: torch.device, batch: int, intervals: int, full: bool) -> float:
-    """Seconds per trajectory for the whole 65-snapshot run."""
+def time_spring_mesh(device: torch.device) -> Clock:
+    with Clock() as clock:
+        spring_mesh.simulated_trajectories(dict(spring_mesh.DEFAULT_COUNTS), seed=0, device=device)
+    return clock
+
+
+def time_navier_stokes(device: torch.device, batch: int, intervals: int, full: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds per trajectory for the whole 65-snapshot run."""
     obstacles = [navier_stokes.sample_obstacles(nnbenchmark.trajectory_rng(0, "train", i)) for i in range(batch)]
     if full:
-        started = time.perf_counter()
-        navier_stokes.simulate(obstacles, device=device)
-        return (time.perf_counter() - started) / batch
+        with Clock() as clock:
+            navier_stokes.simulate(obstacles, device=device)
+        return clock.wall / batch, clock.cpu / batch
     flow = navier_stokes.ChannelFlow(obstacles, [1.0] * batch, device=device)
     state = flow.advance(flow.initial_state(), navier_stokes.OUTPUT_STEP)     # warm-up
     _sync(device)
-    started = time.perf_counter()
-    for _ in range(intervals):
-        state = flow.advance(state, navier_stokes.OUTPUT_STEP)
-        flow.to_nodes(state)
-    _sync(device)
-    per_interval = (time.perf_counter() - started) / intervals
-    return per_interval * navier_stokes.OUTPUT_STEPS / batch
+    with Clock() as clock:
+        for _ in range(intervals):
+            state = flow.advance(state, navier_stokes.OUTPUT_STEP)
+            flow.to_nodes(state)
+        _sync(device)
+    scale = navier_stokes.OUTPUT_STEPS / intervals / batch
+    return clock.wall * scale, clock.cpu * scale
 
 
 def _sync(device: torch.device) -> None:
@@ -63,15 +74,15 @@ def main() -> None:
     print(f"device {device}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     if not args.skip_spring_mesh:
-        seconds = time_spring_mesh(device)
+        clock = time_spring_mesh(device)
         counts = spring_mesh.DEFAULT_COUNTS
         print(f"spring mesh: {sum(counts.values())} trajectories ({counts}) x {spring_mesh.OUTPUT_STEPS} "
-              f"snapshots in {seconds:.1f} s")
-    per_trajectory = time_navier_stokes(device, args.ns_batch, args.ns_intervals, args.ns_full)
+              f"snapshots in {clock.wall:.1f} s wall, {clock.cpu:.1f} s CPU")
+    wall, cpu = time_navier_stokes(device, args.ns_batch, args.ns_intervals, args.ns_full)
     total = sum(navier_stokes.DEFAULT_COUNTS.values())
     how = "measured" if args.ns_full else f"extrapolated from {args.ns_intervals} intervals"
-    print(f"navier-stokes: {per_trajectory:.2f} s per trajectory (batch {args.ns_batch}, {how}); "
-          f"full {total}-trajectory set about {per_trajectory * total / 60:.1f} min")
+    print(f"navier-stokes: per trajectory {wall:.2f} s wall, {cpu:.2f} s CPU (batch {args.ns_batch}, {how}); "
+          f"full {total}-trajectory set about {wall * total / 60:.1f} min wall, {cpu * total / 60:.1f} CPU-min")
 
 
 if __name__ == "__main__":

@@ -49,11 +49,17 @@ class Normalizer:
     @classmethod
     def from_store(cls, store: DataStore) -> Normalizer:
         """Load the `stats_mean_<field>` / `stats_std_<field>` arrays of an opened store into memory."""
-        ds, mode = store.ds, store.normalization
+        mode = store.normalization
         channel_axis = {"global": 0, "pixel": 1, "pixel-dayofyear": 2}[mode]
 
+        import zarr
+
+        # zarr reads all chunks of an array in one concurrent call; through Dask a (366, S, Y, X)
+        # day-of-year array chunked per day costs seconds of task overhead.
+        group = zarr.open_group(str(store.path), mode="r")
+
         def stacked(stat: str) -> np.ndarray:
-            arrays = [np.asarray(ds[f"stats_{stat}_{name}"].values, dtype=np.float32) for name in store.fields]
+            arrays = [np.asarray(group[f"stats_{stat}_{name}"][...], dtype=np.float32) for name in store.fields]
             return np.stack(arrays, axis=channel_axis)
 
         mean, std = stacked("mean"), stacked("std")

@@ -42,7 +42,7 @@ SCORE_THREADS = int(os.environ.get("DYF_EVALUATE_THREADS", 1))
 class Inputs:
     """The opened forecast and truth, checked against each other."""
 
-    forecast: object  # lazy xr.Dataset (forecast_store.open_forecast): reads only what is indexed
+    forecast: object  # lazy xr.Dataset without Dask: reads only what is indexed
     truth: object  # xr.Dataset without Dask
     truth_path: Path
     fields: list[str]
@@ -61,30 +61,48 @@ def open_inputs(forecast_path: Path, truth_path: Path | None) -> Inputs:
     from dyfcli.forecast_store import open_forecast
     from dyfcli.store import open_store
 
-    opened = open_forecast(forecast_path)
-    forecast, fields = opened.ds, opened.fields
-    if truth_path is None:
-        recorded = forecast.attrs.get("dyf_truth")
-        if not recorded:
-            raise UsageError(f"{forecast_path} does not record its data store (dyf_truth); pass --truth STORE")
-        truth_path = Path(recorded)
-        if not truth_path.is_absolute() and not truth_path.exists():
-            truth_path = Path(forecast_path).parent / truth_path
+    opened = open_forecast(forecast_path)  # validates: a complete dyf forecast store
+    # Read blocks without Dask: one chunk per (series, init) block, no task graph per read.
+    forecast = xr.open_zarr(opened.path, consolidated=None, chunks=None)
+    truth_path = _truth_path(forecast, Path(forecast_path), truth_path)
     store = open_store(truth_path)
-    missing = [name for name in fields if name not in store.fields]
-    if missing:
-        raise DataError(f"the forecast has fields {missing} that the data store {truth_path} lacks "
-                        f"(it has {store.fields}); pass the --truth store the forecast was made from")
-    if (int(forecast.sizes["y"]), int(forecast.sizes["x"])) != store.grid:
-        raise DataError(f"the forecast grid {forecast.sizes['y']}x{forecast.sizes['x']} differs from the data "
-                        f"store's {store.grid[0]}x{store.grid[1]}; pass the --truth store the forecast was made from")
+    _check_fields_and_grid(opened.fields, forecast, store)
     truth = xr.open_zarr(truth_path, consolidated=None, chunks=None)
     series_index = _match_series(forecast, truth, truth_path)
     mask = truth["mask"].values[series_index].astype(bool)
     if "mask" in forecast.variables and not np.array_equal(forecast["mask"].values.astype(bool), mask):
         raise DataError(f"the forecast's mask differs from the data store {truth_path}'s; "
                         "pass the --truth store the forecast was made from")
-    truth_times = truth["time"].values
+    time_index, init_index, leads = _match_valid_times(forecast, truth["time"].values, truth_path)
+    return Inputs(forecast, truth, truth_path, opened.fields, store.normalization, series_index,
+                  time_index, init_index, leads, mask)
+
+
+def _truth_path(forecast, forecast_path: Path, given: Path | None) -> Path:
+    """--truth, else the forecast's `dyf_truth` (relative paths taken from the forecast's folder)."""
+    if given is not None:
+        return Path(given)
+    recorded = forecast.attrs.get("dyf_truth")
+    if not recorded:
+        raise UsageError(f"{forecast_path} does not record its data store (dyf_truth); pass --truth STORE")
+    path = Path(recorded)
+    if not path.is_absolute() and not path.exists():
+        path = forecast_path.parent / path
+    return path
+
+
+def _check_fields_and_grid(fields: list[str], forecast, store) -> None:
+    missing = [name for name in fields if name not in store.fields]
+    if missing:
+        raise DataError(f"the forecast has fields {missing} that the data store {store.path} lacks "
+                        f"(it has {store.fields}); pass the --truth store the forecast was made from")
+    if (int(forecast.sizes["y"]), int(forecast.sizes["x"])) != store.grid:
+        raise DataError(f"the forecast grid {forecast.sizes['y']}x{forecast.sizes['x']} differs from the data "
+                        f"store's {store.grid[0]}x{store.grid[1]}; pass the --truth store the forecast was made from")
+
+
+def _match_valid_times(forecast, truth_times: np.ndarray, truth_path: Path):
+    """(time_index (init, lead), init_index (init,), scored lead indices): leads with truth for every init."""
     time_index = _match_times(np.asarray(forecast["valid_time"].values), truth_times)
     init_index = _match_times(np.asarray(forecast["init_time"].values), truth_times)
     if (init_index < 0).any():
@@ -97,8 +115,7 @@ def open_inputs(forecast_path: Path, truth_path: Path | None) -> Inputs:
     if leads.size < time_index.shape[1]:
         log.warning("%d of %d lead times have no truth in %s and are not scored",
                     time_index.shape[1] - leads.size, time_index.shape[1], truth_path)
-    return Inputs(forecast, truth, Path(truth_path), fields, store.normalization, series_index,
-                  time_index, init_index, leads, mask)
+    return time_index, init_index, leads
 
 
 def _match_series(forecast, truth, truth_path: Path) -> list[int]:

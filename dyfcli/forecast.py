@@ -40,7 +40,6 @@ _TIME_BITS = 26
 _SERIES_LIMIT = 1 << (63 - _MEMBER_BITS - _TIME_BITS)
 
 
-
 # ----------------------------------------------------------------------------------------------- request
 
 @dataclass(frozen=True)
@@ -134,8 +133,8 @@ def select_initial_conditions(store, split: str, selection: str | None, horizon:
         raise DataError(f"the {split!r} split of {store.path} is empty; choose another --split")
     spans = {(start, stop) for _, start, stop in ranges}
     if len(spans) != 1:
-        raise DataError(f"the {split!r} split covers different time ranges per series; "
-                        "forecast one series at a time is not supported yet, re-prepare with a common range")
+        raise DataError(f"the {split!r} split covers different time ranges in different series, which "
+                        "`dyf forecast` does not support; choose another --split")
     start, stop = spans.pop()
     by_series = "series" in store.splits[split]
     kind, value = parse_init_selection(selection or ("first" if by_series else "all"))
@@ -230,6 +229,8 @@ def plan_leads(horizon: int, model_horizon: int, output_times: tuple[float, ...]
 
 def lead_coordinates(time_step, init_time: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`lead_time (L,)` and `valid_time (I, L)` from the store's `dyf_time_step` (pandas frequency or float)."""
+    if time_step is None:
+        raise DataError("the data store has no dyf_time_step attribute; re-create it with `dyf prepare`")
     if not np.issubdtype(np.asarray(init_time).dtype, np.datetime64):
         step = float(time_step)
         lead_time = leads * step
@@ -290,7 +291,6 @@ class Counter:
     """Batched network calls made so far (for progress and the summary)."""
 
     batched_calls: int = 0
-    member_windows: int = 0
 
 
 def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise, counter: Counter,
@@ -310,7 +310,6 @@ def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, no
     for window in range(plan.windows):
         out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options)
         counter.batched_calls += calls_per_window
-        counter.member_windows += batch
         positions = np.arange(window * per_window, (window + 1) * per_window)
         physical = _window_to_physical(out, inputs, positions)
         written.append(physical[:, list(plan.take[window])])
@@ -562,15 +561,18 @@ def block_inputs_factory(store, normalizer, plan: LeadPlan, device):
     """`block_inputs(series_index, time_index, window_valid_time (W*Lw,))` reading from a data store."""
     import torch
 
-    fields = store.fields
+    import zarr
+
+    # Raw Zarr reads (no Dask graph per block): one small slice per field and block.
+    group = zarr.open_group(str(store.path), mode="r")
+    arrays = [group[name] for name in store.fields]
     mask_all = np.asarray(store.ds["mask"].values, dtype=bool)
     dated_doy = normalizer.mode == "pixel-dayofyear"
     store_doy = store.ds["time"].dt.dayofyear.values if dated_doy else None
     boundaries: dict[int, object] = {}
 
     def block_inputs(series_index: int, time_index: int, valid_time: np.ndarray) -> BlockInputs:
-        physical = np.stack([np.asarray(store.ds[name].isel(series=series_index, time=time_index).values,
-                                        dtype=np.float32) for name in fields])
+        physical = np.stack([np.asarray(array[series_index, time_index], dtype=np.float32) for array in arrays])
         mask = torch.from_numpy(mask_all[series_index]).to(device)
         doy0 = store_doy[[time_index]] if dated_doy else None
         x0 = normalizer.normalize_at(torch.from_numpy(physical)[None].to(device), series_index, doy0)[0]
@@ -645,14 +647,18 @@ def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrit
 
 
 def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> None:
-    if not out.exists() or overwrite:
+    if not out.exists():
+        forecast_store.create(out, layout)
+        return
+    found = forecast_store.read_identity(out)
+    if found is None:
+        # Never delete something that is not a forecast (a data store, a folder of results) by mistake.
+        raise UsageError(f"{out} exists and is not a dyf forecast store; choose another --out or remove it first")
+    if overwrite:
         forecast_store.create(out, layout)
         return
     if not resume:
         raise UsageError(f"{out} already exists; pass --resume to continue that forecast or --overwrite to replace it")
-    found = forecast_store.read_identity(out)
-    if found is None:
-        raise UsageError(f"--resume: {out} is not a dyf forecast store; choose another --out or pass --overwrite")
     expected = json_roundtrip(layout.identity)
     differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
     if differing:
@@ -685,6 +691,8 @@ def run_forecast(request: ForecastRequest) -> dict:
     with distributed_ranks() as ranks:
         done = prepare_output(job.out, job.layout, overwrite=request.overwrite, resume=request.resume, ranks=ranks)
         pending = [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1]) if not done[s, i]]
+        if done.any():
+            log.info("resuming %s: %d of %d blocks already written", job.out, int(done.sum()), done.size)
         mine = blocks_for_rank(pending, ranks)
         with stop_on_sigterm() as stop_requested:
             counter = run_blocks(job.collaborators, forecast_store.BlockWriter(job.out), mine, job.init, job.plan,

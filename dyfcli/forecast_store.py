@@ -143,7 +143,7 @@ def read_identity(path: Path) -> dict | None:
         return None
     if attrs.get("dyf_format") != FORMAT:
         return None
-    return attrs.get("dyf_identity")
+    return attrs.get("dyf_identity", {})
 
 
 def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:

@@ -51,7 +51,7 @@ def _sorted_error(ens: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     CRPS is translation invariant, so centring on the truth keeps the pair term free of cancellation
     (SST in kelvin in float32); spread and ensemble-mean error are unchanged by the shift too.
     """
-    error = (ens - truth.unsqueeze(0)).movedim(0, -1)
+    error = (ens - truth.unsqueeze(0)).movedim(0, -1).contiguous()
     return torch.sort(error, dim=-1).values
 
 
@@ -137,12 +137,13 @@ class ScoreAccumulator:
         skill = error.abs().mean(dim=-1)
         pair = _pair_term(error)
         mean_error = error.mean(dim=-1)
+        variance = (error - mean_error.unsqueeze(-1)).square().mean(dim=-1)  # ddof 0
         self.sums["crps"][part] += self._masked_sum(skill - pair / (m * m), valid)
         self.sums["squared_error"][part] += self._masked_sum(mean_error ** 2, valid)
-        self.sums["variance"][part] += self._masked_sum(error.var(dim=-1, correction=0), valid)
+        self.sums["variance"][part] += self._masked_sum(variance, valid)
         if m > 1:
             self.sums["crps_fair"][part] += self._masked_sum(skill - pair / (m * (m - 1)), valid)
-            self.sums["variance_ddof1"][part] += self._masked_sum(error.var(dim=-1, correction=1), valid)
+            self.sums["variance_ddof1"][part] += self._masked_sum(variance * (m / (m - 1)), valid)
         self.rank_counts[part] += self._rank_counts(_rank_from_sorted(error, self.generator), valid)
 
     @staticmethod

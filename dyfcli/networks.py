@@ -80,8 +80,8 @@ class MemberDropout(nn.Module):
         if len(self.noise) != x.shape[0]:
             raise ValueError(f"MC-dropout noise has {len(self.noise)} rows but the batch has {x.shape[0]}; "
                              "pass one MemberNoise row per batch row")
-        uniform = self.noise.fold(self.layer_id).uniform(tuple(x.shape[1:]))
-        return (uniform >= self.p).to(x.dtype) / (1.0 - self.p)
+        keep = self.noise.fold(self.layer_id).bernoulli_keep(tuple(x.shape[1:]), self.p)
+        return keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 def _number_dropout_layers(net: nn.Module) -> None:

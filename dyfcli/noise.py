@@ -26,9 +26,12 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
+    """SplitMix64 finaliser; works in place on `z` where it can (it is large for dropout masks)."""
+    z = z ^ _shift_right(z, 30)
+    z.mul_(_MIX1)
+    z.bitwise_xor_(_shift_right(z, 27))
+    z.mul_(_MIX2)
+    return z.bitwise_xor_(_shift_right(z, 31))
 
 
 def _wrap(value: int) -> int:
@@ -78,14 +81,19 @@ class MemberNoise:
         return self.keys.shape[0]
 
     def _bits(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """24 random bits per element as int64 in [0, 2**24), shape (B, *shape)."""
         count = math.prod(shape)
-        counter = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device)
-        z = _mix(self.keys[:, None] + counter[None, :] * _GOLDEN)
-        return z.view(len(self), *shape)
+        counter = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device).mul_(_GOLDEN)
+        z = _mix(self.keys[:, None] + counter[None, :])
+        return _shift_right(z, 40).view(len(self), *shape)
 
     def uniform(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """U[0, 1) draws of shape (B, *shape), 24 random bits each."""
-        return (_shift_right(self._bits(tuple(shape)), 40).to(torch.float32) * 2.0**-24).to(dtype)
+        return (self._bits(tuple(shape)).to(torch.float32) * 2.0**-24).to(dtype)
+
+    def bernoulli_keep(self, shape: tuple[int, ...], drop_probability: float) -> torch.Tensor:
+        """Bool mask of shape (B, *shape), True with probability 1 - p; equals `uniform(shape) >= p`."""
+        return self._bits(tuple(shape)) >= math.ceil(drop_probability * 2**24)
 
     def normal(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal draws of shape (B, *shape) by Box-Muller."""

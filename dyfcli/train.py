@@ -315,9 +315,15 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     total_steps = min(stage.max_steps or math.inf, stage.epochs * steps_per_epoch)
     resumed_from = progress.step
 
+    def validate_and_save_state() -> None:
+        _validate(run, method, val_set, progress, ema, stop_requested)
+        _save_training_state(run, network, optimizer, ema, progress)  # a later crash resumes from here
+        if ranks.any(stop_requested()):
+            _interrupt(run, progress)
+
     with stop_signals() as stop_requested, _progress_bar(run, total_steps - progress.step) as bar:
         if state is not None and state.get("pending_validation"):
-            _validate(run, method, val_set, progress, ema)
+            validate_and_save_state()
         micro_in_step, loss_sum, loss_count, shown = 0, torch.zeros((), device=device), 0, {}
         while progress.step < total_steps and not _patience_exhausted(run, progress):
             for batch in loader_for_epoch(progress.epoch, progress.micro_done):
@@ -351,17 +357,16 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
                     loss_sum, loss_count = torch.zeros((), device=device), 0
                 bar.advance(1, **shown)
                 if config.training.validate_every and progress.step % config.training.validate_every == 0:
-                    _validate(run, method, val_set, progress, ema, stop_requested)
+                    validate_and_save_state()
                 if ranks.any(stop_requested()):
-                    _interrupt(run, network, optimizer, ema, progress)
+                    _save_training_state(run, network, optimizer, ema, progress)
+                    _interrupt(run, progress)
                 if progress.step >= total_steps or _patience_exhausted(run, progress):
                     break
             if progress.micro_done >= micro_per_epoch:  # the epoch is complete
                 progress.epoch, progress.micro_done = progress.epoch + 1, 0
                 if not config.training.validate_every:
-                    _validate(run, method, val_set, progress, ema, stop_requested)
-                    if ranks.any(stop_requested()):
-                        _interrupt(run, network, optimizer, ema, progress)
+                    validate_and_save_state()
             if progress.epoch >= stage.epochs:
                 break
         if progress.last_validated_step != progress.step:
@@ -599,8 +604,9 @@ def _prepare_output(out: Path, overwrite: bool, ranks: Ranks) -> dict | None:
     if state_file.exists():
         return ckpt.load_training_state(state_file)
     if out.exists():
-        raise UsageError(f"{out} already exists (a finished run); pass --overwrite to replace it or choose "
-                         "another --out")
+        finished = ckpt.load_checkpoint(out).training.get("complete", False)
+        what = "a finished run" if finished else "an unfinished run that left no state to resume"
+        raise UsageError(f"{out} already exists ({what}); pass --overwrite to replace it or choose another --out")
     return None
 
 
@@ -655,8 +661,8 @@ def _save_inference_checkpoint(run: Run, network: nn.Module, ema: Ema | None, pr
         ckpt.save_checkpoint(run.out, _checkpoint(run, _weights(network, ema), progress, complete))
 
 
-def _interrupt(run: Run, network: nn.Module, optimizer, ema: Ema | None, progress: Progress) -> None:
-    """Save the training state and stop with exit 75; the same command resumes."""
+def _save_training_state(run: Run, network: nn.Module, optimizer, ema: Ema | None, progress: Progress) -> None:
+    """Everything a resume needs, in `<out>.state.pt` (rank 0 writes, every rank waits)."""
     if run.ranks.is_main:
         ckpt.save_training_state(ckpt.state_path(run.out), {
             "config": run.config.to_dict(), "kind": run.kind, "data": str(run.data),
@@ -665,8 +671,12 @@ def _interrupt(run: Run, network: nn.Module, optimizer, ema: Ema | None, progres
                 "shadow": ema.shadow, "updates": ema.updates},
             "pending_validation": progress.last_validated_step != progress.step and _validation_due(run, progress),
         })
-        _append_metrics(run, {"event": "interrupted", "step": progress.step})
     run.ranks.barrier()
+
+
+def _interrupt(run: Run, progress: Progress) -> None:
+    """Stop with exit 75 after the state was saved; the same command resumes."""
+    _append_metrics(run, {"event": "interrupted", "step": progress.step})
     raise Interrupted(f"stopped by a signal at step {progress.step}; the training state is in "
                       f"{ckpt.state_path(run.out)}: re-run the same command to resume")
 

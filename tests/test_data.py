@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from dyfcli.data import ChunkFileReader, Normalizer, WindowDataset, chunk_reader, window_starts
 from dyfcli.errors import DataError
-from dyfcli.store import open_store, write_store
+from dyfcli.splits import time_splits
+from dyfcli.store import open_store, provenance_attrs, write_store
 from storefactory import make_store
 
 
@@ -23,21 +24,32 @@ def raw_window(store_path, series, start, length):
                      for name in ds.attrs["dyf_fields"]], axis=1)
 
 
-def dayofyear_store(path, steps=400):
-    """A dated store with pixel-dayofyear statistics: mean = day + 100 * series, std = 2 + field."""
-    source = make_store(path.with_name("source.zarr"), dated=True, series=2, steps=steps, grid=(4, 5), land=True)
-    ds = xr.open_zarr(source).load()
-    for variable in ds.variables.values():
-        variable.encoding = {}
+def dayofyear_store(path, steps=370):
+    """A dated store from 2000-01-01 with pixel-dayofyear statistics: mean = day + 100 * series, std = 2 + field."""
+    rng = np.random.default_rng(0)
+    times = np.datetime64("2000-01-01") + np.arange(steps).astype("timedelta64[D]")
+    ds = xr.Dataset(coords={"series": [0, 1], "time": times, "y": np.arange(4), "x": np.arange(5)})
+    mask = np.ones((2, 4, 5), dtype=bool)
+    mask[:, 0, 0] = False
     day = np.arange(1, 367, dtype=np.float32)[:, None, None, None]
     series = np.arange(2, dtype=np.float32)[None, :, None, None]
-    for f_index, name in enumerate(ds.attrs["dyf_fields"]):
+    for f_index, name in enumerate(("u", "v")):
+        values = rng.normal(200, 50, size=(2, steps, 4, 5)).astype(np.float32)
+        values[:, :, ~mask[0]] = np.nan
+        ds[name] = (("series", "time", "y", "x"), values)
         mean = np.broadcast_to(day + 100 * series, (366, 2, 4, 5)).astype(np.float32)
-        ds = ds.drop_vars([f"stats_mean_{name}", f"stats_std_{name}"])
         ds[f"stats_mean_{name}"] = (("dayofyear", "series", "y", "x"), mean)
         ds[f"stats_std_{name}"] = (("dayofyear", "series", "y", "x"), np.full_like(mean, 2.0 + f_index))
-    ds.attrs["dyf_normalization"] = "pixel-dayofyear"
-    return write_store(ds, path)
+    ds["mask"] = (("series", "y", "x"), mask)
+    ds.attrs.update(provenance_attrs("test", {}))
+    ds.attrs.update({"dyf_fields": ["u", "v"], "dyf_normalization": "pixel-dayofyear", "dyf_time_step": "1D",
+                     "dyf_splits": time_splits("2000-10", "2000-11", "2000-12:")})
+    return write_store(ds, path, time_chunk=64)
+
+
+@pytest.fixture(scope="module")
+def doy_path(tmp_path_factory):
+    return dayofyear_store(tmp_path_factory.mktemp("doy") / "doy.zarr")
 
 
 # ----------------------------------------------------------------------------------------------- windows
@@ -175,9 +187,8 @@ def test_normalize_round_trip_and_matches_store_statistics(tmp_path, mode):
     np.testing.assert_allclose(tensor.numpy(), z, rtol=1e-6)
 
 
-def test_dayofyear_normalisation_uses_each_steps_day(tmp_path):
-    path = dayofyear_store(tmp_path / "doy.zarr")
-    store = open_store(path)
+def test_dayofyear_normalisation_uses_each_steps_day(doy_path):
+    store = open_store(doy_path)
     normalizer = Normalizer.from_store(store)
     assert normalizer.mean.shape == (366, 2, 2, 4, 5)
     # store starts 2000-01-01 (a leap year): index 59 is 29 Feb (day 60), index 366 is 2001-01-01 (day 1)
@@ -197,8 +208,8 @@ def test_dayofyear_normalisation_uses_each_steps_day(tmp_path):
         normalizer.normalize_at(x, 1, np.array([0, 1, 2, 3, 4]))
 
 
-def test_dayofyear_windows_dataset(tmp_path):
-    path = dayofyear_store(tmp_path / "doy.zarr", steps=400)
+def test_dayofyear_windows_dataset(doy_path):
+    path = doy_path
     dataset = WindowDataset(path, "train", length=3)
     series, start = dataset.windows[70]
     item = dataset[70]
@@ -208,9 +219,8 @@ def test_dayofyear_windows_dataset(tmp_path):
     np.testing.assert_allclose(item["dynamics"][:, 0].numpy(), np.nan_to_num(expected), rtol=1e-5, atol=1e-5)
 
 
-def test_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    path = dayofyear_store(tmp_path / "doy.zarr")
-    normalizer = Normalizer.from_store(open_store(path))
+def test_state_round_trip_through_a_weights_only_checkpoint(doy_path, tmp_path):
+    normalizer = Normalizer.from_store(open_store(doy_path))
     torch.save(normalizer.get_state(), tmp_path / "n.pt")
     state = torch.load(tmp_path / "n.pt", weights_only=True)
     restored = Normalizer.from_state(state)

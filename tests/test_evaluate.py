@@ -118,6 +118,23 @@ def test_climatology_uses_pixel_mean_and_persistence_uses_initial_state(tmp_path
                                expected_climatology, rtol=1e-6)
 
 
+def test_climatology_of_day_of_year_statistics(tmp_path):
+    from dyfcli.store import write_store
+
+    base = xr.open_zarr(make_store(tmp_path / "base.zarr", fields=("sst",), dated=True, steps=12), chunks=None).load()
+    seasonal = np.arange(366, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 8, 12), np.float32)
+    base = base.drop_vars(["stats_mean_sst", "stats_std_sst"])
+    base["stats_mean_sst"] = (("dayofyear", "series", "y", "x"), seasonal)  # mean = day of year - 1
+    base["stats_std_sst"] = (("dayofyear", "series", "y", "x"), np.ones_like(seasonal))
+    base.attrs["dyf_normalization"] = "pixel-dayofyear"
+    store = write_store(base, tmp_path / "seasonal.zarr")
+    forecast = make_forecast(tmp_path / "f.zarr", store, inits=(2,), horizon=3)
+    summary = evaluate(forecast)
+    sst = base["sst"].values  # 2000-01-03 is day 3: leads 1..3 are days 4..6, means 3, 4, 5
+    expected = [np.abs(sst[:, 2 + lead] - (2 + lead)).mean() for lead in (1, 2, 3)]
+    np.testing.assert_allclose(summary["baselines"]["climatology"]["sst"]["crps"]["per_lead"], expected, rtol=1e-6)
+
+
 def test_dated_store_with_leads_beyond_the_truth(tmp_path):
     store = make_store(tmp_path / "truth.zarr", dated=True, steps=12)
     forecast = make_forecast(tmp_path / "f.zarr", store, inits=(2, 9), horizon=4)  # 9 + 3, 9 + 4 do not exist
@@ -182,15 +199,27 @@ def test_cli_json_and_table(dyf, stores, tmp_path):
     assert "crps_fair" in proc.stderr and "persistence" in proc.stderr
 
 
-def test_cli_bad_inputs_exit_4(dyf, stores, tmp_path):
+def _exit_code(capsys, *args: str) -> tuple[int, str]:
+    """The real command line in this process (no interpreter start-up): exit code and stderr."""
+    from dyfcli.cli import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(list(args))
+    return raised.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_inputs_exit_4(dyf, capsys, stores, tmp_path):
     store, forecast = stores
-    assert dyf("evaluate", str(tmp_path / "nope.zarr"), check=4).returncode == 4
+    proc = dyf("--json", "evaluate", str(tmp_path / "nope.zarr"), check=4)
+    assert json.loads(proc.stdout)["error"]["exit_code"] == 4 and "does not exist" in proc.stderr
     other_grid = make_store(tmp_path / "other.zarr", grid=(6, 6), steps=16)
-    proc = dyf("evaluate", str(forecast), "--truth", str(other_grid), check=4)
-    assert "grid" in proc.stderr
+    code, err = _exit_code(capsys, "evaluate", str(forecast), "--truth", str(other_grid))
+    assert code == 4 and "grid" in err
     partial = make_forecast(tmp_path / "partial.zarr", store, complete=False)
-    proc = dyf("--json", "evaluate", str(partial), check=4)
-    assert json.loads(proc.stdout)["error"]["exit_code"] == 4 and "incomplete" in proc.stderr
+    code, err = _exit_code(capsys, "evaluate", str(partial))
+    assert code == 4 and "incomplete" in err
+    code, err = _exit_code(capsys, "evaluate", str(forecast), "--out", str(tmp_path / "scores.txt"))
+    assert code == 2 and ".csv" in err
 
 
 def test_maps_put_north_up_and_grey_out_invalid_points():

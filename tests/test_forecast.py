@@ -308,6 +308,9 @@ def test_resume_overwrite_and_refusals(stores, tmp_path, monkeypatch):
     assert open_forecast(request.out).ds.attrs["dyf_seed"] == 6
     with pytest.raises(UsageError, match="contradict"):
         forecast.run_forecast(replace(request, overwrite=True, resume=True))
+    with pytest.raises(UsageError, match="not a dyf forecast store"):  # --overwrite never deletes a data store
+        forecast.run_forecast(replace(request, out=store.path, overwrite=True))
+    assert open_store(store.path).fields == ["u", "v"]
     ds = open_forecast(request.out).ds
     assert ds.attrs["dyf_truth"] == str(Path(store.path).resolve())
     assert len(ds.attrs["dyf_checkpoint_sha256"]) == 64 and ds.attrs["dyf_network_calls"]["per_member"] == 16
@@ -418,3 +421,47 @@ def test_real_model_boundary_conditions(tmp_path):
     assert np.all(px[:, :, pinned] == 0)
     np.testing.assert_allclose(qx[:, :, pinned], np.broadcast_to(first[pinned], qx[:, :, pinned].shape), rtol=1e-6)
     assert np.abs(px[:, :, ~pinned]).max() > 0
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_one_store(stores, tmp_path):
+    """Two CPU ranks share the blocks of one store and give the single-process forecast."""
+    import os
+    import subprocess
+    import sys
+
+    store = stores["dated"]
+    ckpt = _real_checkpoint(store, tmp_path / "model.pt")
+    args = ["forecast", "--ckpt", str(ckpt), "--data", str(store.path), "--init", "every:2", "--horizon", "3",
+            "--ensemble", "2", "--device", "cpu"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, **ONE_THREAD}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "dyfcli",
+                           "--json", *args, "--out", str(tmp_path / "ddp.zarr")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(doc["rank"] for doc in summaries) == [0, 1]
+    assert [doc["blocks_written"] for doc in summaries] == [6, 6]  # 4 series x 3 inits, dealt round-robin
+    forecast.run_forecast(forecast.ForecastRequest(checkpoint=ckpt, out=tmp_path / "one.zarr", horizon=3,
+                                                   ensemble=2, data=store.path, init="every:2", device="cpu"))
+    np.testing.assert_allclose(open_forecast(tmp_path / "ddp.zarr").ds["u"].values,
+                               open_forecast(tmp_path / "one.zarr").ds["u"].values, rtol=1e-6, atol=1e-6)
+
+
+def test_stop_request_ends_after_the_current_block_with_exit_75(stores, tmp_path):
+    store = stores["series"]
+    init = forecast.select_initial_conditions(store, "test", "0,1,2", 3)
+    plan = forecast.plan_leads(3, 3, None)
+    layout = forecast.forecast_layout(store, init, plan, 2, {}, {"dyf_truth": str(store.path)})
+    out = tmp_path / "f.zarr"
+    forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=forecast.Ranks())
+    collaborators = forecast.Collaborators(forecast.Method("fake", FakeModel(horizon=3)),
+                                           forecast.block_inputs_factory(store, IdentityNormalizer(), plan, "cpu"),
+                                           torch.device("cpu"))
+    with pytest.raises(forecast.Interrupted) as caught:
+        forecast.run_blocks(collaborators, forecast.forecast_store.BlockWriter(out), [(0, 0), (0, 1), (0, 2)],
+                            init, plan, forecast.window_valid_times(store, init, plan), seed=0, members=2,
+                            member_batch=2, stop_requested=lambda: True)
+    assert caught.value.exit_code == 75 and "--resume" in caught.value.message
+    assert forecast.forecast_store.BlockWriter(out).done().tolist() == [[True, False, False]]

@@ -61,8 +61,7 @@ def test_fair_crps_is_unbiased_for_exchangeable_members():
     points, members = 200_000, 4
     truth = torch.randn(points, generator=generator, dtype=torch.float64)
     ens = torch.randn(members, points, generator=generator, dtype=torch.float64)
-    # CRPS of N(0,1) against y: y(2Phi(y)-1) + 2phi(y) - 1/sqrt(pi); its mean over y ~ N(0,1) is 1/sqrt(pi)
-    # ... for the true predictive distribution: E = sqrt(2)/sqrt(pi) - 1/sqrt(pi) ... computed in closed form:
+    # The CRPS of the forecast N(0, 1) against y in closed form: y (2 Phi(y) - 1) + 2 phi(y) - 1/sqrt(pi)
     normal = torch.distributions.Normal(0.0, 1.0)
     closed = truth * (2 * normal.cdf(truth) - 1) + 2 * normal.log_prob(truth).exp() - 1 / math.sqrt(math.pi)
     target = float(closed.mean())

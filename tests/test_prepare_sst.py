@@ -188,10 +188,17 @@ def test_bad_inputs_raise_data_errors(tmp_path, short_psl):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         oisst.prepare_sst(tmp_path / "empty", tmp_path / "x.zarr")
+    with pytest.raises(DataError, match="not an existing folder"):
+        oisst.prepare_sst(tmp_path / "nope", tmp_path / "x.zarr")
     coarse = tmp_path / "coarse"
     write_psl(coarse, dates[:3], lat=np.arange(-30.5, 0, 1.0), lon=np.arange(170.5, 220, 1.0))
     with pytest.raises(DataError, match="not the OISST 0.25° grid"):
         oisst.prepare_sst(coarse, tmp_path / "x.zarr", boxes="84", **SHORT_SPLITS)
+    shifted = tmp_path / "shifted"
+    write_psl(shifted, dates[:3])
+    write_psl(shifted, dates[-3:], lon=LON + 0.25)
+    with pytest.raises(DataError, match="give files of one grid"):
+        oisst.prepare_sst(shifted, tmp_path / "x.zarr", boxes="84", allow_gaps=True, **SHORT_SPLITS)
     novar = tmp_path / "novar"
     novar.mkdir()
     with netCDF4.Dataset(novar / "sst.day.mean.2003.nc", "w") as dataset:
@@ -278,15 +285,13 @@ def test_cli_writes_store_and_reports_json(dyf, short_psl, tmp_path):
     assert "--overwrite" in proc.stderr and json.loads(proc.stdout)["error"]["exit_code"] == 2
 
 
-@pytest.mark.parametrize("case", ["missing-dir", "not-netcdf", "bad-boxes", "scheduler"])
+@pytest.mark.parametrize("case", ["not-netcdf", "bad-boxes", "scheduler"])
 def test_cli_bad_input_exit_codes(dyf, tmp_path, case):
     folder = tmp_path / "raw"
     folder.mkdir()
     extra = []
     if case == "not-netcdf":
         (folder / "sst.day.mean.2003.nc").write_text("this is not NetCDF")
-    if case == "missing-dir":
-        folder = tmp_path / "nope"
     if case == "bad-boxes":
         extra = ["--boxes", "84-x"]
     if case == "scheduler":

@@ -151,6 +151,30 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_does(store, tmp_pa
     assert all(torch.equal(a[name], b[name]) for name in b)
 
 
+def test_a_crash_resumes_from_the_last_validation(store, tmp_path, one_thread, monkeypatch):
+    import dyfcli.train
+
+    out = tmp_path / "crashed.pt"
+    settings = ["training.validate_every=2", "training.val_max_batches=1", "interpolator.max_steps=6"]
+    original = dyfcli.train._learning_rate
+
+    def crash_at_step_3(config, base, step, total):
+        if step == 3:
+            raise MemoryError("simulated out-of-memory")
+        return original(config, base, step, total)
+
+    monkeypatch.setattr(dyfcli.train, "_learning_rate", crash_at_step_3)
+    with pytest.raises(MemoryError):
+        _train(store, out, settings)
+    assert ckpt.load_training_state(ckpt.state_path(out))["progress"]["step"] == 2
+    assert not ckpt.load_checkpoint(out).training["complete"]
+    monkeypatch.setattr(dyfcli.train, "_learning_rate", original)
+    summary = _train(store, out, settings)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
+    assert [v["step"] for v in summary["validations"]] == [2, 4, 6]
+    assert ckpt.load_checkpoint(out).training["complete"] and not ckpt.state_path(out).exists()
+
+
 def test_two_process_ddp_on_cpu_with_torchrun(store, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp.pt"

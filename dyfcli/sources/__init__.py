@@ -1,1 +1,1 @@
-"""Raw sources and built-in simulators that `dyf prepare` turns into data stores, one module each."""
+"""One module per raw source or simulator; each turns its input into a data store (DESIGN §3)."""

@@ -347,11 +347,11 @@ def _discover_boxes(items, years) -> tuple[list[DaySource], dict]:
 class BoxCutter:
     """Where the selected boxes lie in a raw file's (lat, lon) grid.
 
-    `rows`/`cols` is the region read from each file; `box_rows` and `box_cols` (S, 60) index that region,
+    `grid` identifies the files' grid; `rows`/`cols` is the region read from each file; `box_rows` and `box_cols` (S, 60) index that region,
     ordered south to north and west to east, so `cut(region)` gives (S, 60, 60) boxes.
     """
 
-    grid_shape: tuple[int, int]
+    grid: tuple                  # grid_signature of the files
     rows: slice
     cols: slice
     box_rows: np.ndarray
@@ -369,6 +369,7 @@ class Grid:
     lon: np.ndarray
     row_index: np.ndarray   # (720,) global row -> file row, or -1
     col_index: np.ndarray   # (1440,) global column -> file column, or -1
+    signature: tuple        # grid_signature of the file
 
 
 def _global_indices(values: np.ndarray, first: float, name: str, path, period: int | None) -> np.ndarray:
@@ -397,6 +398,7 @@ def read_grid(path) -> Grid:
                 raise DataError(f"{path} has no lat/lon coordinate variables; give OISST files")
             lat = np.asarray(dataset.variables[lat_name][:], dtype=np.float64)
             lon = np.asarray(dataset.variables[lon_name][:], dtype=np.float64)
+        signature = grid_signature(dataset)
     rows = _global_indices(lat, FIRST_LAT, "latitude", path, None)
     cols = _global_indices(lon, FIRST_LON, "longitude", path, GLOBAL_COLUMNS)
     row_index = np.full(720, -1, dtype=np.int64)
@@ -404,7 +406,7 @@ def read_grid(path) -> Grid:
     valid = (rows >= 0) & (rows < 720)
     row_index[rows[valid]] = np.flatnonzero(valid)
     col_index[cols] = np.arange(len(cols))
-    return Grid(lat, lon, row_index, col_index)
+    return Grid(lat, lon, row_index, col_index, signature)
 
 
 def box_global_rows_cols(box: int) -> tuple[np.ndarray, np.ndarray]:
@@ -449,7 +451,7 @@ def make_cutter(grid: Grid, boxes: list[int]) -> BoxCutter:
     file_cols = np.stack([grid.col_index[box_global_rows_cols(b)[1]] for b in boxes])
     r0, r1 = int(file_rows.min()), int(file_rows.max()) + 1
     c0, c1 = int(file_cols.min()), int(file_cols.max()) + 1
-    return BoxCutter((len(grid.lat), len(grid.lon)), slice(r0, r1), slice(c0, c1), file_rows - r0, file_cols - c0)
+    return BoxCutter(grid.signature, slice(r0, r1), slice(c0, c1), file_rows - r0, file_cols - c0)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -487,12 +489,10 @@ class Reader:
                     block[:, position] = self.cutter.cut(region)
 
     def _check_same_grid(self, dataset, path) -> None:
-        with NETCDF_LOCK:
-            shape = tuple(dataset.dimensions[d].size for d in dataset.variables["sst"].dimensions
-                          if _dimension_role(d) in ("lat", "lon"))
-        if sorted(shape) != sorted(self.cutter.grid_shape):
-            raise DataError(f"{path} has a {shape} grid but the first file has {self.cutter.grid_shape}; "
-                            "give files of one grid")
+        found = grid_signature(dataset)
+        if found != self.cutter.grid:
+            raise DataError(f"{path} has the grid (lat first, last, size; lon first, last, size) {found} but the "
+                            f"first file has {self.cutter.grid}; give files of one grid")
 
     @staticmethod
     def _check_ncei_date(dataset, path) -> None:
@@ -510,6 +510,19 @@ class Reader:
                 for position, _, index in days:
                     values = read_sst(dataset, index, slice(None), slice(None))
                     block[series, position] = values[::-1] if flip else values
+
+
+def grid_signature(dataset) -> tuple:
+    """(lat first, last, size, lon first, last, size) of a file, to check that all files share a grid."""
+    with NETCDF_LOCK:
+        signature = []
+        for names in (LAT_NAMES, LON_NAMES):
+            name = next((n for n in dataset.variables if n.lower() in names), None)
+            if name is None:
+                raise DataError(f"{dataset.filepath()} has no {names[0]} coordinate variable; give OISST files")
+            values = dataset.variables[name]
+            signature += [round(float(values[0]), 4), round(float(values[-1]), 4), int(values.shape[0])]
+    return tuple(signature)
 
 
 def _latitude_descending(dataset) -> bool:
@@ -645,7 +658,7 @@ def connect_scheduler(address: str | None):
     except ImportError:
         raise UsageError(f"--scheduler {address} needs the Dask 'distributed' package: pip install distributed") from None
     try:
-        return Client(address, timeout="15s")
+        return Client(address, timeout="15s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
         raise UsageError(f"cannot reach the Dask scheduler at {address} ({err}); check --scheduler "
                          "or DASK_SCHEDULER_ADDRESS") from None
@@ -662,7 +675,7 @@ def run_tasks(tasks: list, client, description: str, unit: str) -> list:
             from distributed import as_completed
 
             futures = client.compute(tasks)
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 future.result()
                 bar.advance(1)
             return [future.result() for future in futures]
@@ -766,12 +779,9 @@ def _check_box_file(box: int, path: str) -> None:
             raise DataError(f"{path}: its coordinates are not those of box {box}; check the file name")
 
 
-def plan_job(raw_dir: Path, boxes: str, years: str | None, train_until: str, val: str, test: str,
+def plan_job(raw_dir: Path, requested: list[int] | None, year_range: tuple[int, int] | None, splits: dict,
              allow_gaps: bool, time_block: int) -> Plan:
-    """Resolve flags and raw files into a Plan; every problem is a UsageError or DataError."""
-    requested = parse_boxes(boxes)
-    year_range = parse_years(years)
-    splits = time_splits(train_until, val, test)
+    """Resolve parsed flags and raw files into a Plan; every problem is a DataError."""
     archive = discover(raw_dir, year_range)
     if archive.layout == "boxes":
         chosen, reader, lat, lon = plan_box_files(archive, requested, time_block)
@@ -918,14 +928,25 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
     """`dyf prepare sst`: raw OISST files -> a data store of 60x60 boxes. Returns a summary dict."""
     started = time.monotonic()
     out = Path(out)
+    requested, year_range = parse_boxes(boxes), parse_years(years)
+    splits = time_splits(train_until, val, test)
     data_store.check_output(out, overwrite)
     client = connect_scheduler(scheduler)
+    try:
+        plan = plan_job(Path(raw_dir), requested, year_range, splits, allow_gaps, time_block)
+        recipe = {"raw_dir": str(Path(raw_dir).resolve()), "layout": plan.archive.layout, "boxes": plan.boxes,
+                  "years": years, "train_until": train_until, "val": val, "test": test, "allow_gaps": allow_gaps,
+                  "time_block": time_block}
+        return _write_store(plan, recipe, out, client, started)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _write_store(plan: Plan, recipe: dict, out: Path, client, started: float) -> dict:
+    """Staging store (fresh or resumed) -> field blocks -> statistics -> rename into place."""
     import dask
 
-    plan = plan_job(Path(raw_dir), boxes, years, train_until, val, test, allow_gaps, time_block)
-    recipe = {"raw_dir": str(Path(raw_dir).resolve()), "layout": plan.archive.layout, "boxes": plan.boxes,
-              "years": years, "train_until": train_until, "val": val, "test": test, "allow_gaps": allow_gaps,
-              "time_block": time_block}
     staging = data_store.staging_path(out)
     marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
     block_tasks, skipped = _block_tasks(plan, staging, marks, dask)

@@ -53,15 +53,10 @@ def pinned_mask() -> np.ndarray:
 
 
 def springs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Springs between particles at Chebyshev distance 1: (a, b, rest_length), each `(342,)`."""
+    """Springs between particles at Chebyshev distance 1: (a, b, rest_length), each `(342,)`, a < b."""
     positions = rest_positions()
-    a, b = [], []
-    for i in range(len(positions)):
-        for j in range(i + 1, len(positions)):
-            if np.abs(positions[i] - positions[j]).max() == 1:
-                a.append(i)
-                b.append(j)
-    a, b = np.array(a), np.array(b)
+    distance = np.abs(positions[:, None] - positions[None]).max(axis=-1)
+    a, b = np.nonzero(np.triu(distance == 1))
     return a, b, np.linalg.norm(positions[a] - positions[b], axis=-1)
 
 
