@@ -11,7 +11,9 @@ first item, without Dask, and reads one slice per field per window.
 
 from __future__ import annotations
 
+import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from dyfcli.errors import DataError, UsageError
 from dyfcli.store import DataStore, open_store
 
 DAYS_IN_LEAP_YEAR = 366
+CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per field and process
 
 
 # ----------------------------------------------------------------------------------------- normalisation
@@ -238,16 +241,21 @@ class ChunkFileReader:
     zarr-python 3 costs about 0.8 ms per indexing call plus 0.4 ms per chunk (event-loop hop and async
     codec pipeline), i.e. ~3.5 ms for an 8-step window at one step per chunk. Reading the chunk files
     and decoding them here costs ~0.1 ms. Chunks never written (zarr 3 skips all-fill chunks) read as
-    the fill value, as in zarr. `chunk_reader` falls back to the zarr array for any other layout.
+    the fill value, as in zarr. The most recent chunks (up to `cache_bytes`) are kept decoded; the store
+    is read-only while training. `chunk_reader` falls back to the zarr array for any other layout.
     """
 
-    def __init__(self, array, root: Path, decode):
+    def __init__(self, array, root: Path, decode, cache_bytes: int = CHUNK_CACHE_BYTES):
         self.shape, self.chunks = tuple(array.shape), tuple(array.chunks)
         self.dtype = np.dtype(array.dtype).newbyteorder("<" if decode.little_endian else ">")
         self.fill_value = array.fill_value
         self.encode_key = array.metadata.encode_chunk_key
         self.root = root
         self.decode = decode
+        # Long chunks (a whole 805-step spring-mesh trajectory) serve many windows: keep recent ones.
+        chunk_bytes = self.dtype.itemsize * math.prod(self.chunks)
+        self.cache_size = cache_bytes // chunk_bytes
+        self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         series, steps = key
@@ -261,6 +269,18 @@ class ChunkFileReader:
         return out
 
     def _chunk(self, series: int, chunk: int) -> np.ndarray:
+        key = (series, chunk)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        block = self._read(series, chunk)
+        if self.cache_size:
+            self.cache[key] = block
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return block
+
+    def _read(self, series: int, chunk: int) -> np.ndarray:
         path = self.root / self.encode_key((series, chunk, 0, 0))
         try:
             raw = path.read_bytes()

@@ -213,6 +213,8 @@ def train_forecaster(data: Path | str, out: Path | str, *, interpolator: Path | 
         stage1 = ckpt.load_checkpoint(Path(interpolator), expect_kind="interpolator")
         config = forecaster_config(stage1, preset, overrides)
     else:
+        if interpolator is not None:
+            log.warning("--interpolator is ignored by the %s baseline", method)
         config = load_config(preset, overrides)
     with distributed() as ranks:
         return _fit(method, config, Path(data), Path(out), stage1, device, overwrite, ranks)
@@ -267,25 +269,10 @@ class Progress:
 
 def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolator: ckpt.Checkpoint | None,
          device_spec: str, overwrite: bool, ranks: Ranks) -> dict:
-    from dyfcli.data import WindowDataset
-    from dyfcli.store import open_store
-
     started = time.monotonic()
-    kind = {"interpolator": "interpolator", "dyffusion": "forecaster"}.get(method_name, method_name)
-    stage = config.interpolator if kind == "interpolator" else config.forecaster
-    device = _device(device_spec, ranks)
-    state = _prepare_output(out, overwrite, ranks)
-    store = open_store(data)
-    if interpolator is not None:
-        ckpt.check_compatible(interpolator, store)
-    train_set = WindowDataset(data, "train", config.data.horizon + 1)
-    val_set = _validation_set(data, store, config)
-    run = Run(kind, "dyffusion" if kind in ckpt.DYFFUSION_KINDS else kind, config, stage, data, out, device,
-              ranks, _template(store, train_set, interpolator), Path(str(out) + ".run"),
-              torch.from_numpy(store.ds["mask"].values.astype(bool)))
-    if state is not None:
-        _check_resumable(state, config, kind, out)
-
+    run, train_set, val_set, state = _open_run(method_name, config, data, out, interpolator, device_spec,
+                                               overwrite, ranks)
+    device, stage = run.device, run.stage
     torch.manual_seed(config.training.seed)  # identical initial weights on every rank
     method = build_method(method_name, config, len(train_set.fields), len(train_set.cond_names), interpolator)
     method.to(device)
@@ -298,7 +285,7 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     progress = Progress()
     if state is not None:
         progress = _restore(state, network, optimizer, ema)
-        log.info("resuming %s training from step %d (epoch %d)", kind, progress.step, progress.epoch)
+        log.info("resuming %s training from step %d (epoch %d)", run.kind, progress.step, progress.epoch)
     ranks.broadcast_module(network)
     _write_run_files(run, resumed=state is not None)
 
@@ -372,6 +359,29 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
         if progress.last_validated_step != progress.step:
             _validate(run, method, val_set, progress, ema)
     return _finish(run, network, ema, progress, resumed_from, started)
+
+
+def _open_run(method_name: str, config: RunConfig, data: Path, out: Path, interpolator: ckpt.Checkpoint | None,
+              device_spec: str, overwrite: bool, ranks: Ranks):
+    """Check the output, open the store and its windows: `(Run, train windows, validation windows, state)`."""
+    from dyfcli.data import WindowDataset
+    from dyfcli.store import open_store
+
+    kind = {"interpolator": "interpolator", "dyffusion": "forecaster"}.get(method_name, method_name)
+    device = _device(device_spec, ranks)
+    state = _prepare_output(out, overwrite, ranks)
+    if state is not None:
+        _check_resumable(state, config, kind, out)
+    store = open_store(data)
+    if interpolator is not None:
+        ckpt.check_compatible(interpolator, store)
+    train_set = WindowDataset(data, "train", config.data.horizon + 1)
+    val_set = _validation_set(data, store, config)
+    run = Run(kind=kind, method_name="dyffusion" if kind in ckpt.DYFFUSION_KINDS else kind, config=config,
+              stage=config.interpolator if kind == "interpolator" else config.forecaster, data=data, out=out,
+              device=device, ranks=ranks, template=_template(store, train_set, interpolator),
+              run_dir=Path(str(out) + ".run"), mask=torch.from_numpy(store.ds["mask"].values.astype(bool)))
+    return run, train_set, val_set, state
 
 
 # How long to train may change between an interrupted run and its resume; nothing else may.

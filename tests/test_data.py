@@ -161,10 +161,13 @@ def test_chunk_file_reader_matches_zarr_with_missing_chunks_and_partial_last_chu
     reader = chunk_reader(array)
     assert isinstance(reader, ChunkFileReader)
     assert not (out / "u" / "c" / "1" / "1" / "0" / "0").exists()
-    for series in (0, 1):
-        for start in range(10):
-            for stop in range(start + 1, 11):
-                np.testing.assert_array_equal(reader[series, start:stop], array[series, start:stop])
+    for cache_size in (reader.cache_size, 0):
+        reader.cache_size = cache_size
+        for series in (0, 1):
+            for start in range(10):
+                for stop in range(start + 1, 11):
+                    np.testing.assert_array_equal(reader[series, start:stop], array[series, start:stop])
+    assert len(reader.cache) == 6  # 2 series x 3 chunks, decoded once
 
 
 # ------------------------------------------------------------------------------------------ normalisation

@@ -64,7 +64,8 @@ def daily_files(folder, files=3, days=10, grid=(8, 12)):
         ds = xr.Dataset({"sst": (("time", "zlev", "lat", "lon"), chunk, {"units": "Celsius"})},
                         coords={"time": ("time", np.arange(f * days, (f + 1) * days) + 16000.0,
                                          {"units": "days since 1978-01-01 12:00:00"}),
-                                "zlev": ("zlev", [0.0]), "lat": ("lat", np.arange(grid[0]) - 3.5, {"units": "degrees_north"}),
+                                "zlev": ("zlev", [0.0]),
+                                "lat": ("lat", np.arange(grid[0]) - 3.5, {"units": "degrees_north"}),
                                 "lon": ("lon", np.arange(grid[1]) + 0.5, {"units": "degrees_east"})})
         ds.to_netcdf(folder / f"day_{f:02d}.nc")
     return values
@@ -187,7 +188,8 @@ def test_mismatched_grids_and_irregular_time(tmp_path):
     xr.Dataset({"sst": (("time", "lat", "lon"), np.zeros((5, 4, 5), np.float32))},
                coords={"time": ("time", np.arange(100, 105.0), {"units": "days since 2030-01-01"}),
                        "lat": ("lat", np.arange(4.0) - 3.5, {"units": "degrees_north"}),
-                       "lon": ("lon", np.arange(5.0), {"units": "degrees_east"})}).to_netcdf(tmp_path / "raw" / "odd.nc")
+                       "lon": ("lon", np.arange(5.0), {"units": "degrees_east"})}
+               ).to_netcdf(tmp_path / "raw" / "odd.nc")
     with pytest.raises(DataError, match="different x grid"):
         prepare_netcdf([str(tmp_path / "raw")], ["sst"], tmp_path / "o.zarr")
     times = np.array([0, 1, 2, 5, 6, 7, 8, 9, 10, 11], dtype=np.float64)
@@ -228,7 +230,8 @@ def test_cli_two_variables_json(dyf, tmp_path):
                     coords={"time": ("time", np.arange(6.0) * 24, {"units": "hours since 2000-01-01"}),
                             "lat": [0.0, 1.0, 2.0], "lon": [0.0, 1.0, 2.0, 3.0]})
     ds.to_netcdf(tmp_path / "uv.nc")
-    proc = dyf("--json", "prepare", "netcdf", str(tmp_path / "uv.nc"), "--var", "u,v", "--out", str(tmp_path / "uv.zarr"))
+    proc = dyf("--json", "prepare", "netcdf", str(tmp_path / "uv.nc"), "--var", "u,v",
+               "--out", str(tmp_path / "uv.zarr"))
     doc = json.loads(proc.stdout)
     assert doc["ok"] and list(doc["fields"]) == ["u", "v"] and doc["fields"]["v"]["units"] == "m s-1"
     assert "wrote" in proc.stderr

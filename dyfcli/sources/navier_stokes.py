@@ -199,7 +199,10 @@ class ChannelFlow:
         return u, v, phi
 
     def tendency(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """−(u·∇)u + ν∇²u on the unknown faces: u faces 1..Nx `(B, Ny, Nx)`, v faces 1..Ny−1 `(B, Ny−1, Nx)`."""
+        """−(u·∇)u + ν∇²u on the unknown faces.
+
+        Returns du on u faces 1..Nx `(B, Ny, Nx)` and dv on v faces 1..Ny−1 `(B, Ny−1, Nx)`.
+        """
         # u with two ghost layers: copies beyond inlet and outlet, mirrored (no-slip) beyond the walls;
         # the stencil centres are faces 1..Nx, so the first padded column is not needed
         up = torch.cat([u[..., :1], u, u[..., -1:], u[..., -1:]], dim=-1)
@@ -220,7 +223,7 @@ class ChannelFlow:
         """−a·∇φ + ν∇²φ at the centres of the 5 × 5 stencils over `padded (B, H+4, W+4)` -> `(B, H, W)`.
 
         Advection is third-order upwind-biased: a fourth-order central difference plus |a| times a
-        fourth-difference dissipation, which equals the upwind-biased stencil (φ₋₂ − 6φ₋₁ + 3φ₀ + 2φ₊₁)/6h.
+        fourth-difference dissipation; for a > 0 this is the upwind-biased (φ₋₂ − 6φ₋₁ + 3φ₀ + 2φ₊₁)/6h.
         """
         d = torch.nn.functional.conv2d(padded[:, None], self.stencils)   # (B, 5, H, W)
         advection = a_x * d[:, 0] + a_x.abs() * d[:, 1] + a_y * d[:, 2] + a_y.abs() * d[:, 3]
@@ -230,10 +233,10 @@ class ChannelFlow:
 
     def initial_state(self) -> FlowState:
         """Fluid at rest at t = 0."""
-        zeros = torch.zeros
-        kw = dict(dtype=self.dtype, device=self.device)
-        return FlowState(u=zeros(self.batch, self.ny, self.nx + 1, **kw), v=zeros(self.batch, self.ny + 1, self.nx, **kw),
-                         p=zeros(self.batch, self.ny, self.nx, **kw), t=0.0)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(self.batch, *shape, dtype=self.dtype, device=self.device)
+
+        return FlowState(u=zeros(self.ny, self.nx + 1), v=zeros(self.ny + 1, self.nx), p=zeros(self.ny, self.nx), t=0.0)
 
     def _stage(self, base: FlowState, current: tuple[torch.Tensor, torch.Tensor], keep: float, dt: float,
                t_stage: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

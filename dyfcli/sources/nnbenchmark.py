@@ -362,7 +362,8 @@ def _archive_trajectories(system, root, splits, sizes, order, statics, times, lo
     else:
         mask = np.ones_like(fixed, dtype=bool)
         boundary = spring_mesh_boundary()
-    step = float(times[1] - times[0]) if len(times) > 1 else float(splits["train"].trajectories[0].get("time_step_size", 1))
+    first = splits["train"].trajectories[0]
+    step = float(times[1] - times[0]) if len(times) > 1 else float(first.get("time_step_size", 1.0))
     return Trajectories(
         system=system, times=np.asarray(times, dtype=np.float64), time_step=step, y=y, x=x, splits=sizes,
         load=load, mask=mask, cond=cond, boundary=boundary,
