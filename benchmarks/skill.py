@@ -42,7 +42,7 @@ def dyf(*args: str, log: Path) -> dict:
 
 
 def common_sets(args) -> list[str]:
-    sets = ["data.num_workers=0", f"training.validate_every={max(args.steps // 2, 1)}",
+    sets = ["data.num_workers=0", f"data.batch_size={args.batch_size}", f"training.validate_every={max(args.steps // 2, 1)}",
             "training.val_max_batches=2", "training.val_ensemble=10", "training.log_every=50",
             f"forecaster.network.hyper.dim={args.dim}", f"interpolator.network.hyper.dim={args.dim}"]
     return [part for item in sets for part in ("--set", item)]
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--ensemble", type=int, default=50)
     parser.add_argument("--methods", default="dyffusion,dropout,perturbation")
     parser.add_argument("--dim", type=int, default=64, help="CNN width (64: the paper's)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training windows per step (64: the paper's)")
     parser.add_argument("--sigma", type=float, default=0.05, help="Perturbation's noise (normalised units)")
     parser.add_argument("--ddpm-sampling-steps", type=int, default=50)
     parser.add_argument("--device", default="auto")
@@ -114,7 +115,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {method} ...", file=sys.stderr, flush=True)
         rows.append(run_method(method, store, folder, args, log))
     print(f"spring mesh, {args.trajectories} trajectories, {args.steps} steps per network "
-          f"(baselines {2 * args.steps}), dim {args.dim}, horizon {args.horizon}, {args.ensemble} members, "
+          f"(baselines {2 * args.steps}), batch {args.batch_size}, dim {args.dim}, horizon {args.horizon}, {args.ensemble} members, "
           f"device {args.device}, {os.cpu_count()} cores; work folder {folder}")
     header = f"{'method':<13}{'CRPS':>10}{'MSE':>12}{'SSR':>8}{'net evals':>11}{'forecast s':>12}{'train s':>9}"
     print(header)

@@ -159,9 +159,10 @@ def window_starts(ranges: list[tuple[int, int, int]], length: int, stride: int =
     A range `[start, stop)` of n steps holds `(n - length) // stride + 1` windows (none if n < length),
     so windows never cross a series or split boundary.
     """
-    starts = [(series, first) for series, start, stop in ranges
-              for first in range(start, stop - length + 1, stride)]
-    return np.asarray(starts, dtype=np.int64).reshape(-1, 2)
+    blocks = [np.stack([np.full(len(firsts), series), firsts], axis=1)
+              for series, start, stop in ranges
+              if len(firsts := np.arange(start, stop - length + 1, stride, dtype=np.int64))]
+    return np.concatenate(blocks).astype(np.int64) if blocks else np.zeros((0, 2), dtype=np.int64)
 
 
 class WindowDataset(torch.utils.data.Dataset):

@@ -244,10 +244,14 @@ def score(inputs: Inputs, seed: int = 0, keep_example: bool = False) -> tuple[di
 
 
 def _accumulate(accumulators: dict, block: Block, torch) -> None:
-    mask = _tensor(block.mask, torch)
+    """Feed one block to every source's accumulator, a slice of leads at a time.
+
+    Valid points: the store's mask and a finite truth (a day missing from the raw files is NaN there).
+    """
     members, leads = block.ensemble.shape[:2]
     for part in lead_slices(members, leads, int(block.mask.size)):
         truth = _tensor(block.truth[part], torch)
+        mask = _tensor(block.mask[None] & np.isfinite(block.truth[part]), torch)
         sources = {"forecast": block.ensemble, "persistence": block.persistence, "climatology": block.climatology}
         for source, values in sources.items():
             accumulators[source][block.field].update(_tensor(values[:, part], torch), truth, mask,

@@ -23,14 +23,21 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dyfcli import forecast_store
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dyfcli.noise import MemberNoise
 
 log = logging.getLogger("dyf.forecast")
 
@@ -65,7 +72,8 @@ class ForecastRequest:
 def check_request(request: ForecastRequest) -> None:
     """Flag values that are wrong whatever the checkpoint and data (UsageError, exit 2)."""
     if request.horizon < 1:
-        raise UsageError(f"--horizon {request.horizon}: the forecast needs at least 1 lead time; pass --horizon 1 or more")
+        raise UsageError(f"--horizon {request.horizon}: the forecast needs at least 1 lead time; "
+                         "pass --horizon 1 or more")
     if request.ensemble < 1:
         raise UsageError(f"--ensemble {request.ensemble}: pass --ensemble 1 or more members")
     if request.ensemble >= 1 << _MEMBER_BITS:
@@ -173,7 +181,7 @@ def _init_positions(kind: str, value, length: int, horizon: int, split_times: np
     return sorted(set(positions))
 
 
-def member_ids(series_index: int, time_index: int, members: range):
+def member_ids(series_index: int, time_index: int, members: range) -> torch.Tensor:
     """Global member ids `(B,)` int64: unique per (series, init time, member), independent of batching."""
     import torch
 
@@ -260,7 +268,7 @@ def day_of_year(valid_time: np.ndarray) -> np.ndarray | None:
         return None
     import pandas as pd
 
-    return pd.DatetimeIndex(np.asarray(valid_time).ravel()).dayofyear.to_numpy().reshape(np.shape(valid_time))
+    return pd.DatetimeIndex(np.asarray(valid_time).ravel()).day_of_year.to_numpy().reshape(np.shape(valid_time))
 
 
 # ----------------------------------------------------------------------------------------------- one block
@@ -277,12 +285,12 @@ class BlockInputs:
 
     series_index: int
     time_index: int
-    x0: object
-    static_cond: object
-    mask: object
+    x0: torch.Tensor
+    static_cond: torch.Tensor
+    mask: torch.Tensor
     valid_time: np.ndarray
-    to_physical: object
-    to_normalised: object
+    to_physical: Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+    to_normalised: Callable[[torch.Tensor, np.ndarray], torch.Tensor]
     boundary: object | None = None
 
 
@@ -293,8 +301,8 @@ class Counter:
     batched_calls: int = 0
 
 
-def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise, counter: Counter,
-            calls_per_window: int):
+def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise: MemberNoise,
+            counter: Counter, calls_per_window: int) -> torch.Tensor:
     """Run `plan.windows` autoregressive windows for one batch of members; returns `(B, L, C, Y, X)` physical.
 
     Every member continues from its own x̂_h; boundary conditions are applied in physical units to
@@ -321,7 +329,7 @@ def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, no
     return torch.where(inputs.mask, result, torch.full((), float("nan"), dtype=result.dtype, device=result.device))
 
 
-def _window_to_physical(out, inputs: BlockInputs, positions: np.ndarray):
+def _window_to_physical(out: torch.Tensor, inputs: BlockInputs, positions: np.ndarray) -> torch.Tensor:
     """Normalised window output `(B, Lw, C, Y, X)` -> physical units with boundary conditions applied."""
     batch, lead_count = out.shape[:2]
     flat = out.reshape(batch * lead_count, *out.shape[2:])
@@ -359,8 +367,8 @@ class Collaborators:
     """
 
     method: Method
-    block_inputs: object
-    device: object
+    block_inputs: Callable[[int, int, np.ndarray], BlockInputs]
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -532,7 +540,8 @@ def dyffusion_from_checkpoint(checkpoint, device):
         config = config_from_dict(checkpoint.config, "the checkpoint's config")
         inner_config = config_from_dict(inner.config, "the embedded interpolator's config")
     except ConfigError as err:
-        raise CheckpointError(f"{err.message}; the checkpoint was written by another dyf version, re-train it") from None
+        raise CheckpointError(f"{err.message}; the checkpoint was written by another dyf version, "
+                              "re-train it") from None
     fields, conditions = len(checkpoint.fields), len(checkpoint.cond_names)
     stage1, stage2 = inner_config.interpolator.network, config.forecaster.network
     try:
@@ -557,40 +566,51 @@ def model_horizon(model) -> int:
     return int(horizon if horizon is not None else model.settings.horizon)
 
 
-def block_inputs_factory(store, normalizer, plan: LeadPlan, device):
-    """`block_inputs(series_index, time_index, window_valid_time (W*Lw,))` reading from a data store."""
-    import torch
+class StoreInputs:
+    """Builds each block's `BlockInputs` from a data store: `inputs(series_index, time_index, valid_time)`.
 
-    import zarr
+    `valid_time` `(W * Lw,)` are the valid times of every window time (see `window_valid_times`); units
+    conversions look up the day of year there when the normaliser is `pixel-dayofyear`.
+    """
 
-    # Raw Zarr reads (no Dask graph per block): one small slice per field and block.
-    group = zarr.open_group(str(store.path), mode="r")
-    arrays = [group[name] for name in store.fields]
-    mask_all = np.asarray(store.ds["mask"].values, dtype=bool)
-    dated_doy = normalizer.mode == "pixel-dayofyear"
-    store_doy = store.ds["time"].dt.dayofyear.values if dated_doy else None
-    boundaries: dict[int, object] = {}
+    def __init__(self, store, normalizer, device):
+        import zarr
 
-    def block_inputs(series_index: int, time_index: int, valid_time: np.ndarray) -> BlockInputs:
-        physical = np.stack([np.asarray(array[series_index, time_index], dtype=np.float32) for array in arrays])
-        mask = torch.from_numpy(mask_all[series_index]).to(device)
-        doy0 = store_doy[[time_index]] if dated_doy else None
-        x0 = normalizer.normalize_at(torch.from_numpy(physical)[None].to(device), series_index, doy0)[0]
-        x0 = torch.where(mask & torch.isfinite(x0), x0, torch.zeros((), device=device))
-        valid_doy = day_of_year(valid_time) if dated_doy else None
+        self.store, self.normalizer, self.device = store, normalizer, device
+        # Raw Zarr reads (no Dask graph per block): one small slice per field and block.
+        group = zarr.open_group(str(store.path), mode="r")
+        self._arrays = [group[name] for name in store.fields]
+        self._masks = np.asarray(store.ds["mask"].values, dtype=bool)
+        self._by_day = normalizer.mode == "pixel-dayofyear"
+        self._store_days = store.ds["time"].dt.dayofyear.values if self._by_day else None
+        self._series: dict[int, tuple] = {}
 
-        def convert(function):
-            def at(x, positions):
-                return function(x, series_index, None if valid_doy is None else valid_doy[positions])
-            return at
+    def __call__(self, series_index: int, time_index: int, valid_time: np.ndarray) -> BlockInputs:
+        import torch
 
-        if series_index not in boundaries:
-            boundaries[series_index] = boundary_of(store, series_index)
-        return BlockInputs(series_index, time_index, x0, static_condition(store, series_index).to(device), mask,
-                           valid_time, convert(normalizer.denormalize_at), convert(normalizer.normalize_at),
-                           boundaries[series_index])
+        mask, static_cond, boundary = self._series_inputs(series_index)
+        physical = np.stack([np.asarray(array[series_index, time_index], dtype=np.float32) for array in self._arrays])
+        day = self._store_days[[time_index]] if self._by_day else None
+        x0 = self.normalizer.normalize_at(torch.from_numpy(physical)[None].to(self.device), series_index, day)[0]
+        x0 = torch.where(mask & torch.isfinite(x0), x0, torch.zeros((), device=self.device))
+        valid_days = day_of_year(valid_time) if self._by_day else None
 
-    return block_inputs
+        def at_valid_times(convert):
+            return lambda x, positions: convert(x, series_index, None if valid_days is None else valid_days[positions])
+
+        return BlockInputs(series_index, time_index, x0, static_cond, mask, valid_time,
+                           at_valid_times(self.normalizer.denormalize_at), at_valid_times(self.normalizer.normalize_at),
+                           boundary)
+
+    def _series_inputs(self, series_index: int) -> tuple:
+        """(mask (Y, X), static_cond (C_cond, Y, X), boundary or None) of one series, on the device, cached."""
+        import torch
+
+        if series_index not in self._series:
+            self._series[series_index] = (torch.from_numpy(self._masks[series_index]).to(self.device),
+                                          static_condition(self.store, series_index).to(self.device),
+                                          boundary_of(self.store, series_index))
+        return self._series[series_index]
 
 
 def boundary_of(store, series_index: int):
@@ -740,7 +760,7 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
                 "init_time": [str(t) for t in init.init_time]}
     attrs = _store_attrs(request, checkpoint, store, method, calls, plan, sha)
     normalizer = Normalizer.from_state(checkpoint.normalizer)
-    collaborators = Collaborators(method, block_inputs_factory(store, normalizer, plan, device), device)
+    collaborators = Collaborators(method, StoreInputs(store, normalizer, device), device)
     return ForecastJob(Path(request.out).absolute(), collaborators, init, plan,
                        forecast_layout(store, init, plan, request.ensemble, identity, attrs),
                        window_valid_times(store, init, plan), calls, sha)

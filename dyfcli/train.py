@@ -488,8 +488,9 @@ def _validation_set(data: Path, store, config: RunConfig):
 @torch.no_grad()
 def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema: Ema | None,
               stop_requested: Callable[[], bool] = lambda: False) -> None:
-    """Ensemble CRPS on the validation windows; save the network when it is the best so far."""
-    from dyfcli.metrics import ScoreAccumulator, lead_mean
+    """Ensemble CRPS (properscoring's, over valid points, mean over lead times) on the validation windows;
+    save the network when it is the best so far. Ranks score disjoint windows and sum."""
+    from dyfcli.metrics import crps_ensemble, lead_mean
 
     progress.last_validated_step = progress.step
     if val_set is None:
@@ -498,7 +499,8 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
     mine = torch.utils.data.Subset(val_set, list(range(run.ranks.rank, len(val_set), run.ranks.world)))
     loader = torch.utils.data.DataLoader(mine, batch_size=run.config.data.eval_batch_size, shuffle=False,
                                          num_workers=run.config.data.num_workers)
-    scores = None
+    leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
+    sums = torch.zeros(2, leads, dtype=torch.float64, device=run.device)  # CRPS sum, valid points, per lead
     with (ema.swapped_in(network) if ema is not None else nullcontext()), _eval(network):
         for batch in loader:
             if stop_requested():
@@ -509,14 +511,15 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
             noise = MemberNoise.for_members(run.config.training.seed, member_ids.flatten(), salt=VALIDATION_SALT,
                                             device=run.device)
             ensemble, truth = method.validation_ensemble(batch, noise, members)
-            mask = run.mask[batch["series"].cpu()].unsqueeze(1).expand(-1, truth.shape[2], -1, -1)
-            if scores is None:
-                scores = ScoreAccumulator(leads=truth.shape[0], members=members)
-            scores.update(ensemble.float(), truth.float(), mask)
+            crps = crps_ensemble(ensemble.float(), truth.float()).to(torch.float64)  # (L, B, C, Y, X)
+            valid = run.mask[batch["series"].cpu()].to(run.device)[None, :, None].expand_as(crps)
+            sums[0] += torch.where(valid, crps, 0.0).flatten(1).sum(1)
+            sums[1] += valid.flatten(1).sum(1)
     if run.ranks.any(stop_requested()):
         progress.last_validated_step = -1
         return
-    per_lead = _crps_per_lead(scores, run)
+    sums = run.ranks.sum(sums)
+    per_lead = (sums[0] / sums[1].clamp(min=1)).cpu()
     crps = lead_mean(per_lead)
     improved = crps < progress.best_crps
     if improved:
@@ -528,16 +531,6 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
     progress.history.append({"step": progress.step, "val_crps": crps})
     _append_metrics(run, {**record, "val_crps_per_lead": [float(v) for v in per_lead]})
     log.info("%s step %d: validation CRPS %.5g%s", run.kind, progress.step, crps, " (best)" if improved else "")
-
-
-def _crps_per_lead(scores, run: Run) -> torch.Tensor:
-    """Per-lead CRPS summed over every rank's windows (ranks without windows contribute zeros)."""
-    leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
-    sums = torch.zeros(2, leads, dtype=torch.float64)
-    if scores is not None:
-        sums[0], sums[1] = scores.sums["crps"], scores.count
-    sums = run.ranks.sum(sums)
-    return sums[0] / sums[1].clamp(min=1)
 
 
 @contextmanager

@@ -135,6 +135,19 @@ def test_climatology_of_day_of_year_statistics(tmp_path):
     np.testing.assert_allclose(summary["baselines"]["climatology"]["sst"]["crps"]["per_lead"], expected, rtol=1e-6)
 
 
+def test_missing_truth_values_are_excluded(tmp_path):
+    from dyfcli.store import write_store
+
+    base = xr.open_zarr(make_store(tmp_path / "base.zarr", steps=16), chunks=None).load()
+    base["u"].values[:, 6] = np.nan  # a day missing from the raw files
+    store = write_store(base, tmp_path / "gappy.zarr")
+    forecast = make_forecast(tmp_path / "f.zarr", store, inits=(3,))  # lead 3 is the missing day
+    summary = evaluate(forecast)
+    crps = summary["scores"]["u"]["crps"]["per_lead"]
+    assert crps[2] is None and all(value is not None for i, value in enumerate(crps) if i != 2)
+    assert summary["scores"]["v"]["crps"]["per_lead"][2] is not None
+
+
 def test_dated_store_with_leads_beyond_the_truth(tmp_path):
     store = make_store(tmp_path / "truth.zarr", dated=True, steps=12)
     forecast = make_forecast(tmp_path / "f.zarr", store, inits=(2, 9), horizon=4)  # 9 + 3, 9 + 4 do not exist

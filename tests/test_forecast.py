@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 
 from dyfcli import forecast
 from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
@@ -94,7 +93,7 @@ def _run_fake(store, model, tmp_path, *, members=4, member_batch=None, horizon=7
     plan = forecast.plan_leads(horizon, model.horizon, output_times)
     options = {"output_times": plan.window_times} if plan.window_times else {}
     method = forecast.Method("fake", model, options)
-    factory = forecast.block_inputs_factory(store, normalizer or IdentityNormalizer(), plan, "cpu")
+    factory = forecast.StoreInputs(store, normalizer or IdentityNormalizer(), "cpu")
     if boundary is not None:
         inner = factory
         factory = lambda *args: replace(inner(*args), boundary=boundary)  # noqa: E731
@@ -216,6 +215,35 @@ def test_units_are_physical_and_fed_back_normalised(stores, tmp_path):
     expected = normalizer.denormalize_at((x0 + 4.0)[None], s)[0]  # normalised x0 + lead, then physical
     np.testing.assert_allclose(ds["u"].values[0, 0, 0, 3], expected[0], rtol=1e-5, atol=1e-5 * std[0].max())
     np.testing.assert_allclose(model.inputs[1][0].numpy(), x0 + 2.0, rtol=1e-5, atol=1e-5)
+
+
+class DayRecordingNormalizer(IdentityNormalizer):
+    """Records the days of year it is asked to use, as a pixel-dayofyear normaliser would need them."""
+
+    mode = "pixel-dayofyear"
+
+    def __init__(self):
+        self.normalized, self.denormalized = [], []
+
+    def normalize_at(self, x, series_index, dayofyear=None):
+        self.normalized.append(np.asarray(dayofyear).tolist())
+        return x
+
+    def denormalize_at(self, x, series_index, dayofyear=None):
+        self.denormalized.append(np.asarray(dayofyear).tolist())
+        return x
+
+
+def test_day_of_year_units_follow_valid_times(stores, tmp_path):
+    store = stores["dated"]  # days 2000-01-01 ..; the init at position 1 of the test split is 2000-01-18
+    normalizer = DayRecordingNormalizer()
+    _run_fake(store, FakeModel(horizon=3, stochastic=False), tmp_path, members=2, horizon=5, selection="1",
+              normalizer=normalizer)
+    block = 0  # every series records the same days; look at the first block
+    assert normalizer.normalized[2 * block] == [18]  # the initial condition, at its own day
+    assert normalizer.denormalized[2 * block] == [19, 20, 21] * 2  # window 1, two members
+    assert normalizer.normalized[2 * block + 1] == [21, 21]  # x_h fed back at its valid day
+    assert normalizer.denormalized[2 * block + 1] == [22, 23, 24] * 2
 
 
 def test_boundary_applied_to_every_member_before_feedback(stores, tmp_path):
@@ -457,7 +485,7 @@ def test_stop_request_ends_after_the_current_block_with_exit_75(stores, tmp_path
     out = tmp_path / "f.zarr"
     forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=forecast.Ranks())
     collaborators = forecast.Collaborators(forecast.Method("fake", FakeModel(horizon=3)),
-                                           forecast.block_inputs_factory(store, IdentityNormalizer(), plan, "cpu"),
+                                           forecast.StoreInputs(store, IdentityNormalizer(), "cpu"),
                                            torch.device("cpu"))
     with pytest.raises(forecast.Interrupted) as caught:
         forecast.run_blocks(collaborators, forecast.forecast_store.BlockWriter(out), [(0, 0), (0, 1), (0, 2)],
@@ -465,3 +493,58 @@ def test_stop_request_ends_after_the_current_block_with_exit_75(stores, tmp_path
                             member_batch=2, stop_requested=lambda: True)
     assert caught.value.exit_code == 75 and "--resume" in caught.value.message
     assert forecast.forecast_store.BlockWriter(out).done().tolist() == [[True, False, False]]
+
+
+def test_baseline_checkpoint_forecasts_through_the_same_workflow(stores, tmp_path):
+    from dyfcli.baselines import training_method
+    from dyfcli.config import load_config
+
+    store = stores["series"]
+    torch.manual_seed(0)
+    config = load_config("tiny")
+    method = training_method("dropout", config, len(store.fields), len(store.cond_names))
+    save_checkpoint(tmp_path / "dropout.pt", Checkpoint(
+        kind="dropout", method="dropout", config=config.to_dict(), fields=store.fields, grid=store.grid,
+        cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
+        store=store_identity(store), state_dict=method.network.state_dict()))
+    request = forecast.ForecastRequest(checkpoint=tmp_path / "dropout.pt", out=tmp_path / "f.zarr", horizon=6,
+                                       ensemble=3, data=store.path, device="cpu")
+    summary = forecast.run_forecast(request)
+    assert summary["windows"] == 2 and summary["network_calls_per_member"] == 2 * 4
+    ds = open_forecast(tmp_path / "f.zarr").ds
+    assert ds.attrs["dyf_method"] == "dropout" and ds["u"].shape == (1, 1, 3, 6, 8, 12)
+    mask = store.ds["mask"].isel(series=3).values
+    values = ds["u"].values[0, 0][:, :, mask]
+    assert np.isfinite(values).all() and values.std(axis=0).mean() > 0
+    with pytest.raises(UsageError, match="--steps"):
+        forecast.run_forecast(replace(request, steps="only_dynamics", overwrite=True))
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_and_resume_finishes(dyf, stores, tmp_path):
+    """A pre-empted job (SIGTERM) stops after a block with exit 75; the same command with --resume finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = stores["dated"]
+    ckpt = _real_checkpoint(store, tmp_path / "model.pt")
+    out = tmp_path / "f.zarr"
+    args = ["forecast", "--ckpt", str(ckpt), "--data", str(store.path), "--horizon", "3", "--ensemble", "16",
+            "--device", "cpu", "--out", str(out)]
+    exe = Path(sys.executable).with_name("dyf")
+    child = subprocess.Popen([str(exe), *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if out.exists() and forecast.forecast_store.BlockWriter(out).done().any():
+            child.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 75, stderr[-2000:]
+    done = forecast.forecast_store.BlockWriter(out).done()
+    assert 0 < done.sum() < done.size
+    dyf(*args, "--resume", env=ONE_THREAD)
+    assert open_forecast(out).ds.attrs["dyf_complete"] is True

@@ -2,6 +2,7 @@
 uninterrupted run would be), refusal to overwrite, and a 2-process CPU DDP run under torchrun."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -189,6 +190,44 @@ def test_two_process_ddp_on_cpu_with_torchrun(store, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- pieces
+
+def test_validation_crps_matches_properscoring_over_valid_points(tmp_path):
+    import numpy as np
+    import properscoring
+
+    from dyfcli.train import Progress, Ranks, Run, _validate
+
+    rng = np.random.default_rng(0)
+    horizon, members, mask = 3, 4, torch.ones(2, 5, 6, dtype=torch.bool)
+    mask[1, :2, :3] = False
+    windows = [{"dynamics": torch.from_numpy(rng.normal(size=(horizon + 1, 2, 5, 6)).astype("float32")),
+                "condition": torch.zeros(0, 5, 6), "series": s, "start": t} for s in (0, 1) for t in (0, 3)]
+    offsets = torch.from_numpy(rng.normal(size=(members, horizon, 1, 2, 5, 6)).astype("float32"))
+
+    class Stub:
+        network = torch.nn.Linear(1, 1)
+
+        def validation_ensemble(self, batch, noise, m):
+            truth = batch["dynamics"][:, 1:].transpose(0, 1)  # (L, B, C, Y, X)
+            land = ~mask[batch["series"]][None, :, None]
+            return truth + offsets + 1e6 * land, truth  # land points would dominate if they were scored
+
+    config = load_config("tiny", [f"data.horizon={horizon}", f"training.val_ensemble={members}",
+                                  "data.eval_batch_size=3"])
+    run = Run(kind="forecaster", method_name="dyffusion", config=config, stage=config.forecaster, data=tmp_path,
+              out=tmp_path / "m.pt", device=torch.device("cpu"), ranks=Ranks(), template={}, run_dir=tmp_path,
+              mask=mask)
+    progress = Progress(best_crps=-math.inf)  # never "improves": nothing is saved
+    _validate(run, Stub(), windows, progress, None)
+    per_lead = []
+    for lead in range(horizon):
+        truth = np.stack([w["dynamics"][lead + 1].numpy() for w in windows])  # (B, C, Y, X)
+        ensemble = truth[..., None] + offsets[:, lead, 0].numpy().transpose(1, 2, 3, 0)
+        scores = properscoring.crps_ensemble(truth, ensemble)
+        valid = np.stack([mask[w["series"]].numpy() for w in windows])[:, None].repeat(2, axis=1)
+        per_lead.append(scores[valid].mean())
+    assert progress.history[-1]["val_crps"] == pytest.approx(float(np.mean(per_lead)), rel=1e-5)
+
 
 def test_launch_environment_reads_torchrun_then_srun_but_not_plain_sbatch():
     assert launch_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == \
