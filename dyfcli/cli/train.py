@@ -47,7 +47,10 @@ def train_interpolator_command(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out and start again."),
 ) -> None:
-    """Train DYffusion's stochastic interpolator (stage 1); keeps the best by validation CRPS."""
+    """Train DYffusion's stochastic interpolator (stage 1); keeps the best by validation CRPS.
+
+    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75; running the same command again resumes from it.
+    """
 
     def workflow() -> dict:
         from dyfcli.config import load_config
@@ -72,7 +75,10 @@ def train_forecaster_command(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out and start again."),
 ) -> None:
-    """Train DYffusion's forecaster with the interpolator frozen (stage 2), or a baseline forecaster."""
+    """Train DYffusion's forecaster with the interpolator frozen (stage 2), or a baseline forecaster.
+
+    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75; running the same command again resumes from it.
+    """
 
     def workflow() -> dict:
         from dyfcli.train import train_forecaster
