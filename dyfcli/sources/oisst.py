@@ -38,6 +38,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -999,7 +1000,9 @@ def _finish(staging: Path, out: Path, marks: Path) -> None:
     import zarr
 
     shutil.rmtree(marks)
-    zarr.consolidate_metadata(str(staging))
+    with warnings.catch_warnings():  # consolidated metadata on purpose, as in store.py
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(staging))
     data_store.finalize(staging, out)
     data_store.open_store(out)  # the schema check a reader will do
 
