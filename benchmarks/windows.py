@@ -29,7 +29,7 @@ from dyfcli.data import WindowDataset
 from dyfcli.store import encoding_for, provenance_attrs
 
 
-def build_store(path: Path, series: int, days: int, grid: int, time_chunk: int) -> Path:
+def build_store(path: Path, series: int, days: int, grid: int, time_chunk: int, compress: bool = True) -> Path:
     """Metadata through xarray (no data), then the field written block by block with zarr."""
     import dask.array as da
 
@@ -45,7 +45,10 @@ def build_store(path: Path, series: int, days: int, grid: int, time_chunk: int) 
     ds.attrs.update(provenance_attrs("benchmark", {}))
     ds.attrs.update({"dyf_fields": ["sst"], "dyf_normalization": "pixel", "dyf_time_step": "1D",
                      "dyf_splits": {"train": {"time": [None, train_end]}, "val": {"time": [None, None]}}})
-    ds.to_zarr(path, mode="w", compute=False, encoding=encoding_for(ds, time_chunk), consolidated=True)
+    encoding = encoding_for(ds, time_chunk)
+    if not compress:
+        encoding["sst"]["compressors"] = None
+    ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=True)
     array = zarr.open_group(str(path), mode="r+")["sst"]
     rng = np.random.default_rng(0)
     block_days = max(time_chunk, (256 // time_chunk) * time_chunk)
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=3000)
     parser.add_argument("--reader", choices=("files", "zarr"), default="files",
                         help="files: dyf's direct chunk-file reads (default); zarr: zarr-python indexing")
+    parser.add_argument("--no-compression", action="store_true", help="store the field uncompressed "
+                        "(dyf stores use zarr's default Zstd)")
     parser.add_argument("--dir", type=Path, default=None, help="where to build the stores (default: a temp dir)")
     args = parser.parse_args()
     if args.reader == "zarr":
@@ -91,12 +96,12 @@ def main() -> None:
         for label, days in (("small", args.small_days), ("big", args.days)):
             path = root / f"{label}.zarr"
             t0 = time.perf_counter()
-            build_store(path, args.series, days, args.grid, args.time_chunk)
+            build_store(path, args.series, days, args.grid, args.time_chunk, compress=not args.no_compression)
             build_s = time.perf_counter() - t0
             gc.collect()
             results[label] = {"days": days, "build_s": round(build_s, 1), **measure(path, args.length, args.reads)}
             print(f"{label}: {json.dumps(results[label])}", flush=True)
-        print(json.dumps({"reader": args.reader, "time_chunk": args.time_chunk, "length": args.length, **results}))
+        print(json.dumps({"reader": args.reader, "time_chunk": args.time_chunk, "compressed": not args.no_compression, "length": args.length, **results}))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -9,6 +9,10 @@ Shapes: `B` batch rows (members of one block), `L` lead times, `C` fields, `Y, X
 the model are normalised with invalid points set to 0; everything written is in physical units with NaN on
 invalid points.
 
+Under torchrun or srun (`runtime.distributed`, gloo: barriers and flags only) rank 0 creates or checks the
+store, the pending blocks are dealt round-robin and rank 0 marks the store complete. SIGTERM/SIGUSR1
+(`runtime.stop_signals`) stop after the current block with exit 75; `--resume` continues.
+
 Randomness: member `m` of block `(series s, init time t)` draws from
 `MemberNoise.for_members(seed, [member_id(s, t, m)])`, folded once per autoregressive window, so the
 forecast does not depend on `--member-batch`, on which other blocks run, or on the number of ranks.
@@ -19,12 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
-import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ import numpy as np
 
 from dyfcli import forecast_store
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
+from dyfcli.runtime import Ranks, distributed, launch_rank, resolve_device, stop_signals
 
 if TYPE_CHECKING:
     import torch
@@ -87,13 +89,9 @@ def check_request(request: ForecastRequest) -> None:
     if not Path(request.out).parent.exists():
         raise UsageError(f"the folder of --out {request.out} does not exist; create {Path(request.out).parent} first")
     # Checked again by rank 0 when it creates the store; other ranks may see rank 0's new store here.
-    if Path(request.out).exists() and not (request.overwrite or request.resume) and _rank() == 0:
+    if Path(request.out).exists() and not (request.overwrite or request.resume) and launch_rank() == 0:
         raise UsageError(f"{request.out} already exists; pass --resume to continue that forecast or "
                          "--overwrite to replace it")
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 # ----------------------------------------------------------------------------------------------- initial conditions
@@ -424,76 +422,9 @@ def _calls_by_network(calls) -> tuple[int, dict]:
 
 # ----------------------------------------------------------------------------------------------- distributed
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place under torchrun (rank 0 of 1 otherwise)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def share(self, flag: bool) -> bool:
-        """True on every rank if `flag` is True on any rank (e.g. "rank 0 failed")."""
-        if self.world == 1:
-            return flag
-        import torch
-        import torch.distributed as dist
-
-        value = torch.tensor([1 if flag else 0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-
-@contextmanager
-def distributed_ranks():
-    """Join the torchrun process group (gloo: barriers only) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield Ranks()
-        return
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend="gloo")
-    if dist.get_rank() != 0:  # one progress log per job, from rank 0
-        logging.getLogger("dyf").setLevel(logging.WARNING)
-    try:
-        yield Ranks(dist.get_rank(), dist.get_world_size())
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
 def blocks_for_rank(pending: list[tuple[int, int]], ranks: Ranks) -> list[tuple[int, int]]:
     """Round-robin share of the pending blocks, so every rank gets a spread of initial times."""
     return pending[ranks.rank::ranks.world]
-
-
-@contextmanager
-def stop_on_sigterm():
-    """Turn SIGTERM (a batch system's pre-emption) into a clean stop after the current block."""
-    requested = {"stop": False}
-    if _in_main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: requested.update(stop=True))
-    else:  # pragma: no cover - signals only reach the main thread
-        previous = None
-    try:
-        yield lambda: requested["stop"]
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ----------------------------------------------------------------------------------------------- the workflow
@@ -516,54 +447,16 @@ def load_method(checkpoint, device, steps: str | None) -> Method:
         raise CheckpointError("this is an interpolator checkpoint; give the model.pt written by "
                               "`dyf train-forecaster` (it embeds the interpolator)")
     if checkpoint.kind == "forecaster":
+        from dyfcli.model import dyffusion_from_checkpoint
+
         model = dyffusion_from_checkpoint(checkpoint, device)
-        kind = steps or checkpoint.config.get("sampling", {}).get("schedule", "full")
-        return Method(checkpoint.kind, model, {"schedule": kind}, schedule=kind)
+        schedule = steps or checkpoint.config.get("sampling", {}).get("schedule", "full")
+        return Method(checkpoint.kind, model, {"schedule": schedule}, schedule=schedule)
     if steps is not None:
         raise UsageError(f"--steps is a DYffusion sampling schedule; a {checkpoint.kind} checkpoint takes none")
     from dyfcli.baselines import build_model_from_checkpoint
 
     return Method(checkpoint.kind, build_model_from_checkpoint(checkpoint, device), {}, schedule=None)
-
-
-def dyffusion_from_checkpoint(checkpoint, device):
-    """A `DYffusionModel` with both networks' weights from a forecaster checkpoint (eval mode, on `device`)."""
-    from dyfcli.config import config_from_dict
-    from dyfcli.errors import ConfigError
-    from dyfcli.model import DYffusionModel, DYffusionSettings, forecaster_channels, interpolator_channels
-    from dyfcli.networks import build_network
-
-    inner = checkpoint.interpolator
-    if inner is None:
-        raise CheckpointError("the forecaster checkpoint embeds no interpolator; it is damaged, re-train it")
-    try:
-        config = config_from_dict(checkpoint.config, "the checkpoint's config")
-        inner_config = config_from_dict(inner.config, "the embedded interpolator's config")
-    except ConfigError as err:
-        raise CheckpointError(f"{err.message}; the checkpoint was written by another dyf version, "
-                              "re-train it") from None
-    fields, conditions = len(checkpoint.fields), len(checkpoint.cond_names)
-    stage1, stage2 = inner_config.interpolator.network, config.forecaster.network
-    try:
-        interpolator = build_network(stage1.kind, **interpolator_channels(fields, conditions),
-                                     **stage1.build_arguments())
-        forecaster = build_network(stage2.kind, **forecaster_channels(fields, conditions,
-                                                                      config.forecaster.forward_conditioning),
-                                   **stage2.build_arguments())
-        interpolator.load_state_dict(inner.state_dict)
-        forecaster.load_state_dict(checkpoint.state_dict)
-    except (RuntimeError, ValueError, TypeError) as err:
-        first_line = str(err).strip().splitlines()[0][:200]
-        raise CheckpointError(f"the checkpoint's weights do not fit its networks ({first_line}); "
-                              "it is damaged or from another dyf version, re-train it") from None
-    forecaster.eval()
-    return DYffusionModel(interpolator, forecaster, DYffusionSettings.from_config(config)).to(device)
-
-
-def model_horizon(model) -> int:
-    """h, the lead times one window covers (`horizon`, or a DYffusionModel's `settings.horizon`)."""
-    horizon = getattr(model, "horizon", None)
-    return int(horizon if horizon is not None else model.settings.horizon)
 
 
 class StoreInputs:
@@ -603,21 +496,19 @@ class StoreInputs:
                            boundary)
 
     def _series_inputs(self, series_index: int) -> tuple:
-        """(mask (Y, X), static_cond (C_cond, Y, X), boundary or None) of one series, on the device, cached."""
+        """(mask (Y, X), static_cond (C_cond, Y, X), boundary or None) of one series, on the device, cached.
+
+        The boundary is None when the store declares none (`boundary.boundary_for`).
+        """
         import torch
+
+        from dyfcli.boundary import boundary_for
 
         if series_index not in self._series:
             self._series[series_index] = (torch.from_numpy(self._masks[series_index]).to(self.device),
                                           static_condition(self.store, series_index).to(self.device),
-                                          boundary_of(self.store, series_index))
+                                          boundary_for(self.store, series_index))
         return self._series[series_index]
-
-
-def boundary_of(store, series_index: int):
-    """The series' boundary conditions (`boundary.boundary_for`), or None when the store declares none."""
-    from dyfcli.boundary import boundary_for
-
-    return boundary_for(store, series_index)
 
 
 def static_condition(store, series_index: int):
@@ -654,12 +545,12 @@ def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrit
                    ranks: Ranks) -> np.ndarray:
     """Create the store (rank 0) or check that an existing one is the same forecast; returns `done` (S, I)."""
     failure = None
-    if ranks.rank == 0:
+    if ranks.is_main:
         try:
             _create_or_check(out, layout, overwrite=overwrite, resume=resume)
         except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
             failure = err
-    if ranks.share(failure is not None):
+    if ranks.any(failure is not None):
         if failure is not None:
             raise failure
         raise DataError(f"rank 0 could not prepare {out}; see its error message")
@@ -679,15 +570,11 @@ def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwr
         return
     if not resume:
         raise UsageError(f"{out} already exists; pass --resume to continue that forecast or --overwrite to replace it")
-    expected = json_roundtrip(layout.identity)
+    expected = forecast_store._jsonable(layout.identity)  # compared as stored: tuples become lists, etc.
     differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
     if differing:
         raise UsageError(f"--resume: {out} was made with other {', '.join(differing)}; repeat the original "
                          "options or pass --overwrite to start again")
-
-
-def json_roundtrip(value):
-    return forecast_store._jsonable(value)
 
 
 @dataclass
@@ -708,22 +595,31 @@ def run_forecast(request: ForecastRequest) -> dict:
     """The whole `dyf forecast` run; returns a JSON-ready summary."""
     job = prepare_job(request)
     started = time.monotonic()
-    with distributed_ranks() as ranks:
+    with distributed(backend="gloo") as ranks:  # barriers and flags only: gloo, whatever the device
         done = prepare_output(job.out, job.layout, overwrite=request.overwrite, resume=request.resume, ranks=ranks)
-        pending = [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1]) if not done[s, i]]
-        if done.any():
-            log.info("resuming %s: %d of %d blocks already written", job.out, int(done.sum()), done.size)
-        mine = blocks_for_rank(pending, ranks)
-        with stop_on_sigterm() as stop_requested:
+        mine = blocks_for_rank(_pending_blocks(job.out, done), ranks)
+        with stop_signals("stopping after the current block") as stop_requested:
             counter = run_blocks(job.collaborators, forecast_store.BlockWriter(job.out), mine, job.init, job.plan,
                                  job.window_valid_time, seed=request.seed, members=request.ensemble,
                                  member_batch=request.member_batch or request.ensemble,
                                  stop_requested=stop_requested)
-        ranks.barrier()
-        if ranks.rank == 0:
+        ranks.barrier()  # every block is written before rank 0 checks them all
+        if ranks.is_main:
             forecast_store.mark_complete(job.out)
-    seconds = time.monotonic() - started
-    return {"out": str(job.out), "blocks": int(done.size), "blocks_written": len(mine),
+    return _summary(request, job, done, len(mine), counter, time.monotonic() - started, ranks)
+
+
+def _pending_blocks(out: Path, done: np.ndarray) -> list[tuple[int, int]]:
+    """The `(series position, init position)` pairs not yet written, in store order."""
+    if done.any():
+        log.info("resuming %s: %d of %d blocks already written", out, int(done.sum()), done.size)
+    return [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1]) if not done[s, i]]
+
+
+def _summary(request: ForecastRequest, job: ForecastJob, done: np.ndarray, written: int, counter: Counter,
+             seconds: float, ranks: Ranks) -> dict:
+    """What `dyf forecast` reports (this rank's share of the work; `run_command` prints rank 0's)."""
+    return {"out": str(job.out), "blocks": int(done.size), "blocks_written": written,
             "blocks_resumed": int(done.sum()), "members": request.ensemble, "leads": len(job.plan.leads),
             "windows": job.plan.windows, "network_calls_per_member": job.calls["per_member"],
             "batched_network_calls": counter.batched_calls, "seconds": round(seconds, 3),
@@ -736,7 +632,6 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     """Check flags, checkpoint and data (cheap checks first), load the model and lay out the store."""
     from dyfcli.checkpoint import check_compatible, load_checkpoint
     from dyfcli.data import Normalizer
-    from dyfcli.runtime import resolve_device
     from dyfcli.store import open_store
 
     check_request(request)
@@ -746,24 +641,30 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     init = select_initial_conditions(store, request.split, request.init, request.horizon)
     device = resolve_device(request.device)
     method = load_method(checkpoint, device, request.steps)
-    plan = plan_leads(request.horizon, model_horizon(method.model), request.output_times)
+    plan = plan_leads(request.horizon, method.model.horizon, request.output_times)
     if plan.window_times is not None:
         method = Method(method.kind, method.model, {**method.sample_options, "output_times": plan.window_times},
                         method.schedule)
     calls = _network_calls(method, plan)
     sha = file_sha256(Path(request.checkpoint))
-    identity = {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
-                "ensemble": request.ensemble, "schedule": method.schedule,
-                "output_times": list(plan.window_times or []), "split": request.split,
-                "truth": str(Path(store.path).resolve()),
-                "series": [str(s) for s in store.ds["series"].values[list(init.series_indices)]],
-                "init_time": [str(t) for t in init.init_time]}
+    identity = _identity(request, store, init, method, plan, sha)
     attrs = _store_attrs(request, checkpoint, store, method, calls, plan, sha)
     normalizer = Normalizer.from_state(checkpoint.normalizer)
     collaborators = Collaborators(method, StoreInputs(store, normalizer, device), device)
     return ForecastJob(Path(request.out).absolute(), collaborators, init, plan,
                        forecast_layout(store, init, plan, request.ensemble, identity, attrs),
                        window_valid_times(store, init, plan), calls, sha)
+
+
+def _identity(request: ForecastRequest, store, init: InitialConditions, method: Method, plan: LeadPlan,
+              sha: str) -> dict:
+    """The options `--resume` must repeat: a store made with other ones is a different forecast."""
+    return {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
+            "ensemble": request.ensemble, "schedule": method.schedule,
+            "output_times": list(plan.window_times or []), "split": request.split,
+            "truth": str(Path(store.path).resolve()),
+            "series": [str(s) for s in store.ds["series"].values[list(init.series_indices)]],
+            "init_time": [str(t) for t in init.init_time]}
 
 
 def _data_path(request: ForecastRequest, checkpoint) -> Path:

@@ -12,6 +12,10 @@ method's settings. It turns networks into the callables `dyffusion.sample` and t
 
 Batches are what `data.WindowDataset` yields with length h + 1 (window 1):
 `{"dynamics": (B, h+1, C, Y, X), "condition": (B, Cc, Y, X)}`, x0 = dynamics[:, 0], x_i = dynamics[:, i].
+
+Train and forecast build the networks only through `build_interpolator` / `build_forecaster` (so both
+build them identically from a config), and `dyffusion_from_checkpoint` is the one place that rebuilds a
+trained model from a forecaster checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import nn
 
 from dyfcli import dyffusion
 from dyfcli.dyffusion import ForecasterLoss, NetworkCalls, Schedule
-from dyfcli.networks import mc_dropout
+from dyfcli.errors import CheckpointError, ConfigError
+from dyfcli.networks import build_network, mc_dropout
 from dyfcli.noise import MemberNoise
 
 TIME_ENCODINGS = ("dynamics", "discrete", "normalized")
@@ -92,6 +97,67 @@ def forecaster_channels(num_fields: int, num_conditions: int, forward_conditioni
             "out_channels": num_fields}
 
 
+def build_interpolator(config: Any, num_fields: int, num_conditions: int) -> nn.Module:
+    """The untrained interpolator network `config.interpolator.network` describes (a `config.RunConfig`).
+
+    ValueError/TypeError (from `networks.build_network`) when its kind or hyperparameters are unknown.
+    """
+    network = config.interpolator.network
+    return build_network(network.kind, **interpolator_channels(num_fields, num_conditions),
+                         **network.build_arguments())
+
+
+def build_forecaster(config: Any, num_fields: int, num_conditions: int) -> nn.Module:
+    """The untrained forecaster network `config.forecaster.network` describes; errors as `build_interpolator`."""
+    network = config.forecaster.network
+    channels = forecaster_channels(num_fields, num_conditions, config.forecaster.forward_conditioning)
+    return build_network(network.kind, **channels, **network.build_arguments())
+
+
+def load_weights(network: nn.Module, checkpoint: Any) -> None:
+    """Load a `checkpoint.Checkpoint`'s `state_dict` into `network`; CheckpointError when they do not fit."""
+    try:
+        network.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"the {checkpoint.kind} weights do not fit the network its config describes "
+                              f"({_first_line(err)}); it is damaged or from another dyf version, "
+                              "re-train it with this dyf") from None
+
+
+def dyffusion_from_checkpoint(checkpoint: Any, device: torch.device | str) -> DYffusionModel:
+    """The trained `DYffusionModel` of a forecaster checkpoint (with its embedded interpolator), eval mode, on `device`.
+
+    The interpolator is rebuilt from the embedded interpolator's config, the forecaster and the settings
+    from the checkpoint's own; CheckpointError (exit 5) when either does not describe what this dyf builds.
+    """
+    from dyfcli.config import config_from_dict
+
+    inner = checkpoint.interpolator
+    if inner is None:
+        raise CheckpointError("the forecaster checkpoint embeds no interpolator; it is damaged, re-train it")
+    fields, conditions = len(checkpoint.fields), len(checkpoint.cond_names)
+    try:
+        config = config_from_dict(checkpoint.config, "the checkpoint's config")
+        inner_config = config_from_dict(inner.config, "the embedded interpolator's config")
+        interpolator = build_interpolator(inner_config, fields, conditions)
+        forecaster = build_forecaster(config, fields, conditions)
+        settings = DYffusionSettings.from_config(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{err.message}; the checkpoint was written by another dyf version, re-train it") from None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"the checkpoint's config describes networks this dyf cannot build "
+                              f"({_first_line(err)}); it is from another dyf version, re-train it") from None
+    load_weights(interpolator, inner)
+    load_weights(forecaster, checkpoint)
+    forecaster.eval()  # DYffusionModel freezes the interpolator; inference needs the forecaster frozen too
+    return DYffusionModel(interpolator, forecaster, settings).to(device)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 class DYffusionModel:
     """The interpolator and forecaster networks with DYffusion's settings.
 
@@ -125,7 +191,7 @@ class DYffusionModel:
     def interpolate(self, x0: torch.Tensor, xh: torch.Tensor, time: torch.Tensor, noise: MemberNoise | None,
                     condition: torch.Tensor | None = None) -> torch.Tensor:
         """I(x0, xh, time) with MC dropout on (masks from `noise`, or torch's RNG when None): (B, C, Y, X)."""
-        with _eval_mode(self.interpolator), mc_dropout(self.interpolator, noise):
+        with eval_mode(self.interpolator), mc_dropout(self.interpolator, noise):
             return self._interpolator_forward(x0, xh, time, noise, condition)
 
     def _interpolator_forward(self, x0: torch.Tensor, xh: torch.Tensor, time: torch.Tensor,
@@ -208,7 +274,7 @@ class DYffusionModel:
         One batch row per ensemble member; row b depends only on `noise` row b. The forecaster runs in
         eval mode (its dropout off). Options left as None take the settings' values.
         """
-        with _eval_mode(self._require_forecaster()):
+        with eval_mode(self._require_forecaster()):
             return dyffusion.sample(
                 self.interpolate, self.forecast, x0, self._schedule(schedule), noise,
                 condition=_nonempty(condition), cold_last_step=self.settings.cold_last_step,
@@ -236,7 +302,7 @@ class DYffusionModel:
 
 
 @contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
     """Eval mode inside the block; the previous train/eval flag is restored after."""
     was_training = net.training
     net.eval()

@@ -1,4 +1,5 @@
-"""Process-level concerns shared by every workflow: logging, progress reporting, device choice.
+"""Process-level concerns shared by every workflow: logging, progress reporting, device choice, the
+process group of a multi-process launch (torchrun or srun) and stop requests by signal.
 
 The library logs through `logging`; only the CLI prints. Progress is a Rich bar when stderr is a terminal
 and plain periodic log lines otherwise, so batch jobs show progress in their log files.
@@ -8,10 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dyf")
 
@@ -114,3 +122,171 @@ def resolve_device(spec: str = "auto"):
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return device
     raise UsageError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+# ------------------------------------------------------------------------------------------------ process group
+
+def launch_environment(environ: dict[str, str] | None = None) -> dict[str, int] | None:
+    """Rank, world size and local rank from torchrun, or from srun when torchrun's variables are absent.
+
+    srun's SLURM_PROCID/SLURM_NTASKS count only when the job step really has several tasks (a plain
+    `sbatch` script with one task runs single-process); None when this process runs alone.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", "0"))}
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", "0"))}
+    return None
+
+
+def launch_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's rank in the launch (0 when it runs alone), known before the process group exists."""
+    launch = launch_environment(environ)
+    return launch["rank"] if launch is not None else 0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job; the collective helpers are no-ops for a single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks (on the backend's device, returned on `tensor`'s)."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+
+        reduced = tensor.to(_collective_device())
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.sum(tensor) / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (a stop request, "rank 0 failed")."""
+        if self.world == 1:
+            return flag
+        import torch
+
+        return bool(self.sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def average_gradients(self, network: torch.nn.Module) -> None:
+        """One flat all-reduce of every gradient, divided by the world size."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_module(self, network: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers everywhere (same start, same BatchNorm statistics)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in list(network.parameters()) + list(network.buffers()):
+                dist.broadcast(tensor.data, src=0)
+
+
+def _collective_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@contextmanager
+def distributed(backend: str | None = None) -> Iterator[Ranks]:
+    """Join (and leave) the process group when launched with several processes, else yield `Ranks()`.
+
+    `backend` None picks nccl when CUDA is available and gloo otherwise; a workflow that only needs
+    barriers and flags passes "gloo". Ranks other than 0 log warnings only, so a job logs its progress once.
+    """
+    launch = launch_environment()
+    if launch is None or launch["world"] <= 1:
+        yield Ranks()
+        return
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("LOCAL_RANK", str(launch["local_rank"]))  # read by resolve_device
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    joined = not dist.is_initialized()
+    if joined:
+        if backend == "nccl":
+            torch.cuda.set_device(launch["local_rank"])
+        dist.init_process_group(backend, rank=launch["rank"], world_size=launch["world"])
+    if launch["rank"] != 0:
+        log.setLevel(logging.WARNING)
+    try:
+        yield Ranks(launch["rank"], launch["world"], launch["local_rank"])
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+# SIGTERM: a batch system's pre-emption or `scancel`; SIGUSR1: SLURM's warning before the time limit.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+@contextmanager
+def stop_signals(action: str) -> Iterator[Callable[[], bool]]:
+    """Turn SIGTERM/SIGUSR1 into a flag the caller polls at a safe point: yields `stop_requested()`.
+
+    `action` completes the warning logged at the first signal ("received SIGTERM: <action>"). Python
+    delivers signals to the main thread only, so elsewhere no handler is installed and the flag stays False.
+    """
+    requested = {"stop": False}
+
+    def request_stop(signum: int, _frame) -> None:
+        if not requested["stop"]:
+            log.warning("received %s: %s", signal.Signals(signum).name, action)
+        requested["stop"] = True
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """Leave the stop signals to the main process (a DataLoader `worker_init_fn`: SLURM signals every process)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

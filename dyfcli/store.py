@@ -90,7 +90,7 @@ def encoding_for(ds, time_chunk: int = 1) -> dict:
             elif dim == "time":
                 chunks.append(min(time_chunk, size))
             elif dim == "dayofyear":
-                chunks.append(1)
+                chunks.append(size)  # statistics are read whole; one file per day would mean 366 reads
             else:
                 chunks.append(size)
         encoding[name] = {"chunks": tuple(chunks)} if chunks else {}

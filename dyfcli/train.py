@@ -3,7 +3,8 @@
 What happens, in order (`_fit` reads top to bottom, nanoGPT style):
 
 1. Join the process group when launched by `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK) or by `srun`
-   (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT); gloo on CPU, nccl on GPU.
+   (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT); gloo on CPU, nccl on GPU
+   (`runtime.distributed`, shared with `dyf forecast`).
 2. Decide between a fresh start and a resume: `<out>.state.pt` present -> continue from it (same command,
    same settings); `--out` present without a state file -> refuse unless `--overwrite`.
 3. Windows of length h + 1 from the store's `train` split (DistributedSampler, seeded per epoch) and an
@@ -12,8 +13,8 @@ What happens, in order (`_fit` reads top to bottom, nanoGPT style):
    schedule, bf16 autocast and torch.compile on CUDA only.
 5. Every `validate_every` steps (or epoch): ensemble CRPS on the validation windows; the best network
    so far is saved atomically to `--out` (selection by CRPS, as the paper does).
-6. SIGTERM or SIGUSR1 (SLURM's warning before the time limit): finish the optimiser step, save the
-   training state, exit 75 (`Interrupted`); re-running the same command resumes.
+6. SIGTERM or SIGUSR1 (SLURM's warning before the time limit; `runtime.stop_signals`): finish the
+   optimiser step, save the training state, exit 75 (`Interrupted`); re-running the same command resumes.
 
 Data parallelism: gradients are averaged with one flat all-reduce per optimiser step instead of wrapping
 the network in DistributedDataParallel, because the forecaster loss calls the network twice and
@@ -33,9 +34,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -48,8 +47,11 @@ from torch import nn
 
 from dyfcli import checkpoint as ckpt
 from dyfcli.config import RunConfig, apply_overrides, config_from_dict, load_config, read_preset, to_yaml
-from dyfcli.errors import CheckpointError, ConfigError, DataError, Interrupted, UsageError
+from dyfcli.errors import ConfigError, DataError, Interrupted, UsageError
+from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
+                          load_weights)
 from dyfcli.noise import MemberNoise
+from dyfcli.runtime import Ranks, distributed, ignore_stop_signals, stop_signals
 
 log = logging.getLogger("dyf")
 
@@ -91,18 +93,24 @@ def _members_first(rows: torch.Tensor, members: int) -> torch.Tensor:
 
 
 @dataclass
-class InterpolatorStage:
+class _DYffusionStage:
+    """One of DYffusion's two training stages; `to` moves both networks (stage 2 runs the interpolator too)."""
+
+    model: DYffusionModel
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+
+
+@dataclass
+class InterpolatorStage(_DYffusionStage):
     """DYffusion stage 1: MSE of I(x0, xh, i); validation ensembles of I at every i in 1..h-1."""
 
-    model: Any  # model.DYffusionModel without a forecaster
     kind: str = "interpolator"
 
     @property
     def network(self) -> nn.Module:
         return self.model.interpolator
-
-    def to(self, device):
-        self.model.to(device)
 
     def loss(self, batch):
         return self.model.interpolator_loss(batch), {}
@@ -115,18 +123,14 @@ class InterpolatorStage:
 
 
 @dataclass
-class ForecasterStage:
+class ForecasterStage(_DYffusionStage):
     """DYffusion stage 2: the two-term L1 loss around the frozen interpolator; sampled validation ensembles."""
 
-    model: Any  # model.DYffusionModel with both networks
     kind: str = "forecaster"
 
     @property
     def network(self) -> nn.Module:
         return self.model.forecaster
-
-    def to(self, device):
-        self.model.to(device)
 
     def loss(self, batch):
         terms = self.model.forecaster_loss(batch)
@@ -142,46 +146,34 @@ class ForecasterStage:
 def build_method(method: str, config: RunConfig, fields: int, conditions: int,
                  interpolator: ckpt.Checkpoint | None) -> TrainingMethod:
     """The one place that tells the methods apart: `interpolator`, `dyffusion` (stage 2) or a baseline."""
-    from dyfcli.model import DYffusionModel, DYffusionSettings, forecaster_channels, interpolator_channels
+    settings = _settings(config)  # checked for the baselines too: the config is validated as a whole
+    if method not in ("interpolator", "dyffusion"):
+        from dyfcli import baselines
 
-    settings = _settings(DYffusionSettings, config)
+        return baselines.training_method(method, config, fields, conditions)
+    network = _network("interpolator", build_interpolator, config, fields, conditions)
     if method == "interpolator":
-        network = _network(config.interpolator.network, interpolator_channels(fields, conditions), "interpolator")
         return InterpolatorStage(DYffusionModel(network, None, settings))
-    if method == "dyffusion":
-        assert interpolator is not None, "stage 2 needs the interpolator checkpoint"
-        frozen = _network(config.interpolator.network, interpolator_channels(fields, conditions), "interpolator")
-        _load_weights(frozen, interpolator)
-        channels = forecaster_channels(fields, conditions, config.forecaster.forward_conditioning)
-        network = _network(config.forecaster.network, channels, "forecaster")
-        return ForecasterStage(DYffusionModel(frozen, network, settings))
-    from dyfcli import baselines  # written later; exposes training_method(name, config, fields, conditions)
-
-    return baselines.training_method(method, config, fields, conditions)
+    assert interpolator is not None, "stage 2 needs the interpolator checkpoint"
+    load_weights(network, interpolator)
+    forecaster = _network("forecaster", build_forecaster, config, fields, conditions)
+    return ForecasterStage(DYffusionModel(network, forecaster, settings))
 
 
-def _settings(settings_class, config: RunConfig):
+def _settings(config: RunConfig) -> DYffusionSettings:
     try:
-        return settings_class.from_config(config)
+        return DYffusionSettings.from_config(config)
     except ValueError as err:  # e.g. an unknown sampling.schedule: make_schedule is the one judge
         raise ConfigError(f"invalid DYffusion settings: {err}") from None
 
 
-def _network(network_config, channels: dict[str, int], stage: str) -> nn.Module:
-    from dyfcli.networks import build_network
-
+def _network(stage: str, build: Callable[[RunConfig, int, int], nn.Module], config: RunConfig, fields: int,
+             conditions: int) -> nn.Module:
+    """`build(config, fields, conditions)` with an unbuildable network reported as the config error it is."""
     try:
-        return build_network(network_config.kind, **channels, **network_config.build_arguments())
+        return build(config, fields, conditions)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{stage}.network: {err}") from None
-
-
-def _load_weights(network: nn.Module, checkpoint: ckpt.Checkpoint) -> None:
-    try:
-        network.load_state_dict(checkpoint.state_dict)
-    except RuntimeError as err:
-        raise CheckpointError(f"the {checkpoint.kind} weights do not fit the network its config describes "
-                              f"({str(err).splitlines()[0][:160]}); re-train it with this dyf") from None
 
 
 # ================================================================================================ workflows
@@ -289,14 +281,8 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     ranks.broadcast_module(network)
     _write_run_files(run, resumed=state is not None)
 
-    use_cuda = device.type == "cuda"
-    if config.training.compile and use_cuda:
-        network.compile()
-    if (config.training.compile or config.training.bf16) and not use_cuda:
-        log.info("bf16 and compile apply on CUDA only; training in float32 on %s", device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.training.bf16 and use_cuda
-                else nullcontext())
-    loader_for_epoch, micro_per_epoch = _train_loader(train_set, config, ranks, use_cuda)
+    autocast = _cuda_speedups(network, config, device)
+    loader_for_epoch, micro_per_epoch = _train_loader(train_set, config, ranks, pin_memory=device.type == "cuda")
     accumulation = config.training.accumulation
     steps_per_epoch = math.ceil(micro_per_epoch / accumulation)
     total_steps = min(stage.max_steps or math.inf, stage.epochs * steps_per_epoch)
@@ -308,7 +294,8 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
         if ranks.any(stop_requested()):
             _interrupt(run, progress)
 
-    with stop_signals() as stop_requested, _progress_bar(run, total_steps - progress.step) as bar:
+    stopping = stop_signals("saving the training state after this step")
+    with stopping as stop_requested, _progress_bar(run, total_steps - progress.step) as bar:
         if state is not None and state.get("pending_validation"):
             validate_and_save_state()
         micro_in_step, loss_sum, loss_count, shown = 0, torch.zeros((), device=device), 0, {}
@@ -326,17 +313,8 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
                 progress.micro_done += 1
                 if micro_in_step < accumulation and progress.micro_done < micro_per_epoch:
                     continue
-                # one optimiser step: average gradients over ranks, clip, set the learning rate, step
-                ranks.average_gradients(network)
-                if config.training.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(network.parameters(), config.training.grad_clip)
                 learning_rate = _learning_rate(config, stage.lr, progress.step, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(network)
+                _optimizer_step(network, optimizer, ema, ranks, learning_rate, config.training.grad_clip)
                 progress.step += 1
                 micro_in_step = 0
                 if progress.step % config.training.log_every == 0 or progress.step == total_steps:
@@ -359,6 +337,30 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
         if progress.last_validated_step != progress.step:
             _validate(run, method, val_set, progress, ema)
     return _finish(run, network, ema, progress, resumed_from, started)
+
+
+def _cuda_speedups(network: nn.Module, config: RunConfig, device: torch.device):
+    """Compile `network` when asked; the bf16 autocast context for the loss (a no-op context off CUDA)."""
+    use_cuda = device.type == "cuda"
+    if config.training.compile and use_cuda:
+        network.compile()
+    if (config.training.compile or config.training.bf16) and not use_cuda:
+        log.info("bf16 and compile apply on CUDA only; training in float32 on %s", device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if config.training.bf16 and use_cuda else nullcontext()
+
+
+def _optimizer_step(network: nn.Module, optimizer: torch.optim.Optimizer, ema: Ema | None, ranks: Ranks,
+                    learning_rate: float, grad_clip: float | None) -> None:
+    """Average the accumulated gradients over ranks, clip them, step at `learning_rate`, update the EMA."""
+    ranks.average_gradients(network)
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(network)
 
 
 def _open_run(method_name: str, config: RunConfig, data: Path, out: Path, interpolator: ckpt.Checkpoint | None,
@@ -427,13 +429,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 # ================================================================================================ data
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the main process (SLURM signals every process)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 class _SkipSampler(torch.utils.data.Sampler):
     """The indices of `sampler` after the first `skip` (resuming in the middle of an epoch)."""
 
@@ -459,7 +454,7 @@ def _train_loader(train_set, config: RunConfig, ranks: Ranks, pin_memory: bool):
         sampler.set_epoch(epoch)
         return DataLoader(train_set, batch_size=batch_size, sampler=_SkipSampler(sampler, micro_done * batch_size),
                           num_workers=config.data.num_workers, pin_memory=pin_memory, drop_last=False,
-                          worker_init_fn=_ignore_stop_signals if config.data.num_workers else None)
+                          worker_init_fn=ignore_stop_signals if config.data.num_workers else None)
 
     return loader_for_epoch, math.ceil(len(sampler) / batch_size)
 
@@ -501,7 +496,7 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
                                          num_workers=run.config.data.num_workers)
     leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
     sums = torch.zeros(2, leads, dtype=torch.float64, device=run.device)  # CRPS sum, valid points, per lead
-    with (ema.swapped_in(network) if ema is not None else nullcontext()), _eval(network):
+    with (ema.swapped_in(network) if ema is not None else nullcontext()), eval_mode(network):
         for batch in loader:
             if stop_requested():
                 break  # the caller saves the state; the validation is repeated after the resume
@@ -531,16 +526,6 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
     progress.history.append({"step": progress.step, "val_crps": crps})
     _append_metrics(run, {**record, "val_crps_per_lead": [float(v) for v in per_lead]})
     log.info("%s step %d: validation CRPS %.5g%s", run.kind, progress.step, crps, " (best)" if improved else "")
-
-
-@contextmanager
-def _eval(network: nn.Module) -> Iterator[None]:
-    was_training = network.training
-    network.eval()
-    try:
-        yield
-    finally:
-        network.train(was_training)
 
 
 # ================================================================================================ EMA
@@ -746,133 +731,3 @@ def _progress_bar(run: Run, remaining_steps: float):
 class _SilentBar:
     def advance(self, n: int = 1, **info: object) -> None:
         pass
-
-
-# ================================================================================================ signals
-
-@contextmanager
-def stop_signals() -> Iterator[Callable[[], bool]]:
-    """SIGTERM and SIGUSR1 set a flag the loop checks after each optimiser step (main thread only)."""
-    import threading
-
-    requested = {"stop": False}
-    names = [name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for name in names:
-            number = getattr(signal, name)
-            previous[number] = signal.signal(number, lambda signum, frame: _request_stop(requested, signum))
-    try:
-        yield lambda: requested["stop"]
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _request_stop(requested: dict, signum: int) -> None:
-    if not requested["stop"]:
-        log.warning("received %s: saving the training state after this step", signal.Signals(signum).name)
-    requested["stop"] = True
-
-
-# ================================================================================================ distributed
-
-@dataclass
-class Ranks:
-    """This process's place in the job; collective helpers are no-ops for a single process."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return tensor
-        device = _collective_device()
-        reduced = tensor.to(device)
-        torch.distributed.all_reduce(reduced)
-        return reduced.to(tensor.device)
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.sum(tensor) / self.world
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        return bool(self.sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
-
-    def average_gradients(self, network: nn.Module) -> None:
-        """One flat all-reduce of every gradient, divided by the world size."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in network.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def broadcast_module(self, network: nn.Module) -> None:
-        """Rank 0's parameters and buffers everywhere (same start, same BatchNorm statistics)."""
-        if self.world == 1:
-            return
-        with torch.no_grad():
-            for tensor in list(network.parameters()) + list(network.buffers()):
-                torch.distributed.broadcast(tensor.data, src=0)
-
-
-def _collective_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def launch_environment(environ: dict[str, str] | None = None) -> dict[str, int] | None:
-    """Rank, world size and local rank from torchrun, or from srun when torchrun's variables are absent.
-
-    srun's SLURM_PROCID/SLURM_NTASKS count only when the job step really has several tasks (a plain
-    `sbatch` script with one task runs single-process); MASTER_ADDR falls back to the node srun ran from.
-    """
-    env = os.environ if environ is None else environ
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", "0"))}
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", "0"))}
-    return None
-
-
-@contextmanager
-def distributed() -> Iterator[Ranks]:
-    """Join (and leave) the process group when launched with several processes; gloo on CPU, nccl on GPU."""
-    launch = launch_environment()
-    if launch is None or launch["world"] <= 1:
-        yield Ranks()
-        return
-    import torch.distributed as dist
-
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("LOCAL_RANK", str(launch["local_rank"]))  # read by runtime.resolve_device
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(launch["local_rank"])
-    dist.init_process_group(backend, rank=launch["rank"], world_size=launch["world"])
-    if launch["rank"] != 0:
-        logging.getLogger("dyf").setLevel(logging.WARNING)
-    try:
-        yield Ranks(launch["rank"], launch["world"], launch["local_rank"])
-    finally:
-        dist.destroy_process_group()

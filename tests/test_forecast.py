@@ -14,6 +14,7 @@ from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
 from dyfcli.data import Normalizer
 from dyfcli.errors import DataError, DyfError, UsageError
 from dyfcli.forecast_store import open_forecast
+from dyfcli.runtime import Ranks
 from dyfcli.store import open_store
 from storefactory import make_store
 
@@ -99,7 +100,7 @@ def _run_fake(store, model, tmp_path, *, members=4, member_batch=None, horizon=7
         factory = lambda *args: replace(inner(*args), boundary=boundary)  # noqa: E731
     layout = forecast.forecast_layout(store, init, plan, members, {"seed": seed}, {"dyf_truth": str(store.path)})
     out = tmp_path / name
-    done = forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=forecast.Ranks())
+    done = forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=Ranks())
     blocks = [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1])]
     forecast.run_blocks(forecast.Collaborators(method, factory, torch.device("cpu")),
                         forecast.forecast_store.BlockWriter(out), blocks, init, plan,
@@ -384,17 +385,13 @@ def test_command_exit_code_and_json_error(dyf, stores, tmp_path):
 def _real_checkpoint(store, path: Path, seed: int = 0) -> Path:
     """An (untrained) tiny-preset DYffusion checkpoint, saved the way train-forecaster saves one."""
     from dyfcli.config import load_config
-    from dyfcli.model import forecaster_channels, interpolator_channels
-    from dyfcli.networks import build_network
+    from dyfcli.model import build_forecaster, build_interpolator
 
     torch.manual_seed(seed)
     config = load_config("tiny")
     fields, conditions = len(store.fields), len(store.cond_names)
-    interpolator = build_network(config.interpolator.network.kind, **interpolator_channels(fields, conditions),
-                                 **config.interpolator.network.build_arguments())
-    forecaster = build_network(config.forecaster.network.kind,
-                               **forecaster_channels(fields, conditions, config.forecaster.forward_conditioning),
-                               **config.forecaster.network.build_arguments())
+    interpolator = build_interpolator(config, fields, conditions)
+    forecaster = build_forecaster(config, fields, conditions)
     common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
                   cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
                   store=store_identity(store))
@@ -453,7 +450,7 @@ def test_real_model_boundary_conditions(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_write_one_store(stores, tmp_path):
-    """Two CPU ranks share the blocks of one store and give the single-process forecast."""
+    """Two CPU ranks share the blocks of one store and give the single-process forecast; rank 0 alone reports."""
     import os
     import subprocess
     import sys
@@ -469,8 +466,9 @@ def test_torchrun_two_ranks_write_one_store(stores, tmp_path):
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(doc["rank"] for doc in summaries) == [0, 1]
-    assert [doc["blocks_written"] for doc in summaries] == [6, 6]  # 4 series x 3 inits, dealt round-robin
+    assert len(summaries) == 1 and summaries[0]["rank"] == 0 and summaries[0]["world_size"] == 2
+    assert summaries[0]["blocks"] == 12 and summaries[0]["blocks_written"] == 6  # 4 series x 3 inits, round-robin
+    assert proc.stderr.count("written now") == 1  # one text summary as well
     forecast.run_forecast(forecast.ForecastRequest(checkpoint=ckpt, out=tmp_path / "one.zarr", horizon=3,
                                                    ensemble=2, data=store.path, init="every:2", device="cpu"))
     np.testing.assert_allclose(open_forecast(tmp_path / "ddp.zarr").ds["u"].values,
@@ -483,7 +481,7 @@ def test_stop_request_ends_after_the_current_block_with_exit_75(stores, tmp_path
     plan = forecast.plan_leads(3, 3, None)
     layout = forecast.forecast_layout(store, init, plan, 2, {}, {"dyf_truth": str(store.path)})
     out = tmp_path / "f.zarr"
-    forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=forecast.Ranks())
+    forecast.prepare_output(out, layout, overwrite=False, resume=False, ranks=Ranks())
     collaborators = forecast.Collaborators(forecast.Method("fake", FakeModel(horizon=3)),
                                            forecast.StoreInputs(store, IdentityNormalizer(), "cpu"),
                                            torch.device("cpu"))

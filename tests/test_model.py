@@ -1,6 +1,8 @@
 """DYffusionModel: tiny real networks bound to the DYffusion maths (channels, freezing, MC dropout, losses,
 sampling and its call counts)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -219,3 +221,43 @@ def test_time_encodings(encoding, expected):
     data = batch(size=2)
     model.sample_window(data["dynamics"][:, 0], data["condition"], MemberNoise.for_members(0, [0, 1]))
     assert [t[0].item() for t in model.forecaster.times] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------ built from a config / checkpoint
+
+def _forecaster_checkpoint(config, interpolator, forecaster, conditions=CONDITIONS):
+    from dyfcli.checkpoint import Checkpoint
+
+    common = dict(method="dyffusion", config=config.to_dict(), fields=["u", "v"][:FIELDS], grid=GRID,
+                  cond_names=[f"cond_{i}" for i in range(conditions)], normalizer={}, store={})
+    inner = Checkpoint(kind="interpolator", state_dict=interpolator.state_dict(), **common)
+    return Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner, **common)
+
+
+def test_dyffusion_from_checkpoint_restores_both_networks_and_the_settings():
+    from dyfcli.config import load_config
+    from dyfcli.model import build_forecaster, build_interpolator, dyffusion_from_checkpoint
+
+    config = load_config("tiny")
+    torch.manual_seed(0)
+    interpolator, forecaster = build_interpolator(config, FIELDS, CONDITIONS), build_forecaster(config, FIELDS,
+                                                                                               CONDITIONS)
+    model = dyffusion_from_checkpoint(_forecaster_checkpoint(config, interpolator, forecaster), "cpu")
+    assert model.horizon == config.data.horizon and model.settings == DYffusionSettings.from_config(config)
+    assert not model.forecaster.training and not model.interpolator.training
+    for built, restored in ((interpolator, model.interpolator), (forecaster, model.forecaster)):
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), restored.state_dict().values()))
+
+
+def test_dyffusion_from_checkpoint_refuses_weights_that_do_not_fit():
+    from dyfcli.config import load_config
+    from dyfcli.errors import CheckpointError
+    from dyfcli.model import build_forecaster, build_interpolator, dyffusion_from_checkpoint
+
+    config = load_config("tiny")
+    other = build_forecaster(config, FIELDS + 1, CONDITIONS)  # trained on another number of fields
+    checkpoint = _forecaster_checkpoint(config, build_interpolator(config, FIELDS, CONDITIONS), other)
+    with pytest.raises(CheckpointError, match="forecaster weights do not fit"):
+        dyffusion_from_checkpoint(checkpoint, "cpu")
+    with pytest.raises(CheckpointError, match="embeds no interpolator"):
+        dyffusion_from_checkpoint(replace(checkpoint, interpolator=None), "cpu")

@@ -2,6 +2,7 @@
 uninterrupted run would be), refusal to overwrite, and a 2-process CPU DDP run under torchrun."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -18,7 +19,8 @@ from dyfcli import checkpoint as ckpt
 from dyfcli.cli import main
 from dyfcli.config import load_config
 from dyfcli.errors import Interrupted, UsageError
-from dyfcli.train import Ema, _learning_rate, _SkipSampler, launch_environment, train_interpolator
+from dyfcli.runtime import launch_environment, launch_rank, stop_signals
+from dyfcli.train import Ema, _learning_rate, _SkipSampler, train_interpolator
 from storefactory import make_store
 
 # One thread per process: on a small shared machine torch's thread pool mostly waits for other processes.
@@ -195,7 +197,8 @@ def test_validation_crps_matches_properscoring_over_valid_points(tmp_path):
     import numpy as np
     import properscoring
 
-    from dyfcli.train import Progress, Ranks, Run, _validate
+    from dyfcli.runtime import Ranks
+    from dyfcli.train import Progress, Run, _validate
 
     rng = np.random.default_rng(0)
     horizon, members, mask = 3, 4, torch.ones(2, 5, 6, dtype=torch.bool)
@@ -236,6 +239,20 @@ def test_launch_environment_reads_torchrun_then_srun_but_not_plain_sbatch():
     assert launch_environment(srun) == {"rank": 5, "world": 8, "local_rank": 1}
     assert launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None  # the batch script itself
     assert launch_environment({}) is None
+    assert launch_rank({"RANK": "3", "WORLD_SIZE": "8"}) == 3 and launch_rank({}) == 0
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_stop_signals_set_the_flag_and_restore_the_previous_handlers(name, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("dyf"), "propagate", True)  # the CLI's setup_logging turns it off
+    number = getattr(signal, name)
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
+    with caplog.at_level(logging.WARNING, logger="dyf"), stop_signals("finishing up") as stop_requested:
+        assert not stop_requested()
+        os.kill(os.getpid(), number)
+        assert stop_requested()
+    assert {n: signal.getsignal(n) for n in before} == before
+    assert f"received {name}: finishing up" in caplog.text
 
 
 def test_learning_rate_warmup_and_cosine():

@@ -68,7 +68,11 @@ def emit_error(command: str, error: DyfError | Exception, exit_code: int, kind: 
 
 
 def run_command(command: str, workflow: Callable[[], dict], render: Callable[[dict], str] | None = None) -> None:
-    """Run `workflow`, print its summary (text or JSON), and exit with the documented code."""
+    """Run `workflow`, print its summary (text or JSON), and exit with the documented code.
+
+    Under torchrun/srun every rank runs the command; a summary with a `rank` other than 0 is not printed,
+    so a job reports once (rank 0's summary, one JSON document).
+    """
     try:
         summary = workflow() or {}
     except DyfError as err:
@@ -83,6 +87,8 @@ def run_command(command: str, workflow: Callable[[], dict], render: Callable[[di
         emit_error(command, DyfError(f"internal error: {type(err).__name__}: {err} "
                                      "(re-run with --verbose for a traceback and report it)"), 1, "internal")
         raise typer.Exit(1) from None
+    if summary.get("rank", 0) != 0:
+        return
     if render is not None:
         text = render(summary)
         if text:

@@ -39,8 +39,10 @@ def prepare_sst_command(
     allow_gaps: bool = typer.Option(False, "--allow-gaps", help="Store days missing from the files as NaN "
                                     "instead of stopping."),
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a Dask scheduler (default: env "
-                                  "DASK_SCHEDULER_ADDRESS, else local threads). Workers must see the files."),
+                                  "DASK_SCHEDULER_ADDRESS, else local processes). Its workers must see the files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    workers: int = typer.Option(None, "--workers", help="Processes that read the raw files on this machine "
+                                "(default: the available CPU cores); ignored with --scheduler."),
 ) -> None:
     """Cut NOAA OISST v2.1 daily SST into the paper's 60x60 boxes with day-of-year statistics."""
 
@@ -48,6 +50,6 @@ def prepare_sst_command(
         from dyfcli.sources.oisst import prepare_sst
 
         return prepare_sst(raw_dir, out, boxes=boxes, years=years, train_until=train_until, val=val, test=test,
-                           allow_gaps=allow_gaps, scheduler=scheduler, overwrite=overwrite)
+                           allow_gaps=allow_gaps, scheduler=scheduler, overwrite=overwrite, workers=workers)
 
     run_command("prepare sst", workflow, _render)

@@ -11,24 +11,19 @@ from pathlib import Path
 
 import typer
 
-from dyfcli.cli.app import OPTIONS, app, run_command
+from dyfcli.cli.app import app, run_command
 
 _PRESET_HELP = "Preset name (tiny, sst, navier-stokes, spring-mesh) or a YAML file."
-_SET_HELP = "Override a setting, e.g. --set training.seed=3 --set interpolator.lr=1e-4 (repeatable)."
-_DEVICE_HELP = "auto, cpu, cuda or cuda:N (under torchrun/srun: this rank's GPU)."
 
-
-def _main_rank_only(summary: dict) -> dict:
-    """Under torchrun/srun every rank runs the command; only rank 0 reports (one JSON document)."""
-    if summary.get("rank", 0) == 0:
-        return summary
-    OPTIONS.json = False
-    return {}
+# The options both stages take, declared once.
+_DATA = typer.Option(..., "--data", help="Data store made by `dyf prepare`.")
+_SETS = typer.Option([], "--set", help="Override a setting, e.g. --set training.seed=3 --set interpolator.lr=1e-4 "
+                     "(repeatable).")
+_DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (under torchrun/srun: this rank's GPU).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace a finished --out and start again.")
 
 
 def _render(summary: dict) -> str:
-    if not summary:
-        return ""
     crps = summary.get("best_val_crps")
     best = f"best validation CRPS {crps:.5g} at step {summary.get('best_step')}" if crps is not None else \
         "no validation split: final weights kept"
@@ -40,12 +35,12 @@ def _render(summary: dict) -> str:
 
 @app.command("train-interpolator")
 def train_interpolator_command(
-    data: Path = typer.Option(..., "--data", help="Data store made by `dyf prepare`."),
+    data: Path = _DATA,
     out: Path = typer.Option(..., "--out", help="Interpolator checkpoint to write (e.g. interpolator.pt)."),
     preset: str = typer.Option(None, "--preset", help=_PRESET_HELP + " Default: tiny."),
-    sets: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out and start again."),
+    sets: list[str] = _SETS,
+    device: str = _DEVICE,
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Train DYffusion's stochastic interpolator (stage 1); keeps the best by validation CRPS.
 
@@ -58,22 +53,22 @@ def train_interpolator_command(
         config = load_config(preset, sets)  # before importing torch: a bad setting fails at once
         from dyfcli.train import train_interpolator
 
-        return _main_rank_only(train_interpolator(data, out, config, device=device, overwrite=overwrite))
+        return train_interpolator(data, out, config, device=device, overwrite=overwrite)
 
     run_command("train-interpolator", workflow, _render)
 
 
 @app.command("train-forecaster")
 def train_forecaster_command(
-    data: Path = typer.Option(..., "--data", help="Data store made by `dyf prepare`."),
+    data: Path = _DATA,
     out: Path = typer.Option(..., "--out", help="Model checkpoint to write (e.g. model.pt)."),
     interpolator: Path = typer.Option(None, "--interpolator", help="Checkpoint from `dyf train-interpolator` "
                                       "(needed by --method dyffusion)."),
     method: str = typer.Option("dyffusion", "--method", help="dyffusion, or a baseline: dropout, perturbation, ddpm."),
     preset: str = typer.Option(None, "--preset", help=_PRESET_HELP + " Default: the interpolator's settings."),
-    sets: list[str] = typer.Option([], "--set", help=_SET_HELP),
-    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished --out and start again."),
+    sets: list[str] = _SETS,
+    device: str = _DEVICE,
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Train DYffusion's forecaster with the interpolator frozen (stage 2), or a baseline forecaster.
 
@@ -83,7 +78,7 @@ def train_forecaster_command(
     def workflow() -> dict:
         from dyfcli.train import train_forecaster
 
-        return _main_rank_only(train_forecaster(data, out, interpolator=interpolator, method=method, preset=preset,
-                                                overrides=sets, device=device, overwrite=overwrite))
+        return train_forecaster(data, out, interpolator=interpolator, method=method, preset=preset,
+                                overrides=sets, device=device, overwrite=overwrite)
 
     run_command("train-forecaster", workflow, _render)

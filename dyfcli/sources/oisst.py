@@ -14,11 +14,15 @@ Boxes follow the global tiling of DYffusion's preprocessing: 60x60 pixels (15° 
 60°N, box id = row*24 + col with rows counted from lat -59.875 upwards and columns from lon 0.125
 eastwards. Ids are computed from the coordinates, so a regional file yields the same ids as a global one.
 
-The job streams: one day is read at a time, the store is written one time block (one chunk per box) at a
-time, and statistics are float64 sums per day of year accumulated box by box from the written store, so
-memory does not grow with the number of years. Work runs as Dask tasks (local threads, or a
-`distributed` cluster that sees the same file system). Progress markers inside the staging directory let
-an interrupted run, re-run with the same command, skip the blocks it already wrote.
+The job streams: the store is written one time block (TIME_BLOCK days, one chunk per box) at a time, and
+statistics are float64 sums per day of year accumulated box by box from the written store, so memory does
+not grow with the number of years. Almost all the time goes into inflating the raw files (one zlib chunk
+of the whole globe per day), and HDF5 cannot read in threads, so on one machine blocks are read by
+`workers` processes (default: the available cores), each opening a file once per block, reading only the
+rows and columns of the chosen boxes and returning just the cut boxes; this process writes them in time
+order with at most TASKS_PER_WORKER blocks per process in flight. With a `distributed` cluster (that sees
+the same file system) each block is one Dask task that reads and writes. Progress markers inside the
+staging directory let an interrupted run, re-run with the same command, skip the blocks it already wrote.
 
 Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split only, ddof 0 as in xarray:
 * a day of year with no training data at an ocean pixel (e.g. 366 when few leap years are in training)
@@ -67,7 +71,8 @@ MISSING_ABOVE = 1e30        # |x| above this is missing even when a tool dropped
 DAYS_OF_YEAR = 366
 TIME_BLOCK = 32             # days per write block and per chunk
 DEFAULT_BOXES = "84-89,108-112"
-LOCAL_WORKERS = 4           # threads of the local scheduler (netCDF reads are serialised anyway)
+STATS_THREADS = 4           # threads that compute statistics from the written store (zarr reads)
+TASKS_PER_WORKER = 2        # blocks queued per reading process: bounds memory to a few blocks
 
 LAT_NAMES = ("lat", "latitude")
 LON_NAMES = ("lon", "longitude")
@@ -201,31 +206,49 @@ def check_sst_layout(dataset, path) -> None:
 
 def read_sst(dataset, time_index: int, rows: slice, cols: slice) -> np.ndarray:
     """One day of `sst` in °C (float32, NaN where missing), shaped (rows, cols) of the file's lat/lon."""
-    with NETCDF_LOCK:
-        variable = dataset.variables["sst"]
-        variable.set_auto_maskandscale(False)
-        key, kept = [], []
-        for dim in variable.dimensions:
-            role = _dimension_role(dim)
-            key.append({"time": time_index, "lat": rows, "lon": cols}.get(role, 0))
-            if role in ("lat", "lon"):
-                kept.append(role)
-        raw = np.asarray(variable[tuple(key)])
-        attrs = {name: variable.getncattr(name) for name in variable.ncattrs()}
-    if kept == ["lon", "lat"]:
-        raw = raw.T
-    return decode_sst(raw, attrs)
+    return SstSlicer(dataset, rows, cols).read(time_index)
+
+
+class SstSlicer:
+    """Reads the (rows, cols) region of `sst` one day at a time from an open dataset.
+
+    The variable's layout and CF attributes are looked up once per file; each `read(day)` asks netCDF for
+    the region only (raw values, no automatic masking) and decodes it by hand with `decode_sst`.
+    """
+
+    def __init__(self, dataset, rows: slice, cols: slice):
+        with NETCDF_LOCK:
+            self.variable = dataset.variables["sst"]
+            self.variable.set_auto_maskandscale(False)
+            self.attrs = {name: self.variable.getncattr(name) for name in self.variable.ncattrs()}
+            roles = [_dimension_role(dim) for dim in self.variable.dimensions]
+        self.key = [{"lat": rows, "lon": cols}.get(role, 0) for role in roles]
+        self.time_axis = roles.index("time")
+        self.transposed = [r for r in roles if r in ("lat", "lon")] == ["lon", "lat"]
+
+    def read(self, time_index: int) -> np.ndarray:
+        """(rows, cols) float32 °C, NaN where missing."""
+        key = list(self.key)
+        key[self.time_axis] = time_index
+        with NETCDF_LOCK:
+            raw = np.asarray(self.variable[tuple(key)])
+        return decode_sst(raw.T if self.transposed else raw, self.attrs)
 
 
 def decode_sst(raw: np.ndarray, attrs: dict) -> np.ndarray:
-    """Apply CF packing and missing values by hand (float32; NaN where missing)."""
+    """Apply CF packing and missing values by hand (float32; NaN where missing).
+
+    Missing: values equal to `_FillValue` or `missing_value` (compared in the stored type, before
+    unpacking), and for floating-point data also non-finite values and |x| > 1e30 (PSL's -9.96921e36 even
+    when a tool dropped `missing_value`). Unpacking: `raw * scale_factor + add_offset` in float32.
+    """
     missing = [np.asarray(attrs[key]).ravel() for key in ("_FillValue", "missing_value") if key in attrs]
     invalid = np.isin(raw, np.concatenate(missing)) if missing else np.zeros(raw.shape, dtype=bool)
     values = raw.astype(np.float32)
-    if np.issubdtype(raw.dtype, np.integer):
-        values = values * np.float32(attrs.get("scale_factor", 1.0)) + np.float32(attrs.get("add_offset", 0.0))
-    else:
+    if not np.issubdtype(raw.dtype, np.integer):
         invalid |= ~np.isfinite(values) | (np.abs(values) > MISSING_ABOVE)
+    if "scale_factor" in attrs or "add_offset" in attrs:
+        values = values * np.float32(attrs.get("scale_factor", 1.0)) + np.float32(attrs.get("add_offset", 0.0))
     values[invalid] = np.nan
     return values
 
@@ -485,9 +508,9 @@ class Reader:
                 self._check_same_grid(dataset, path)
                 if self.layout == "ncei":
                     self._check_ncei_date(dataset, path)
+                slicer = SstSlicer(dataset, self.cutter.rows, self.cutter.cols)
                 for position, index in entries:
-                    region = read_sst(dataset, index, self.cutter.rows, self.cutter.cols)
-                    block[:, position] = self.cutter.cut(region)
+                    block[:, position] = self.cutter.cut(slicer.read(index))
 
     def _check_same_grid(self, dataset, path) -> None:
         found = grid_signature(dataset)
@@ -508,8 +531,9 @@ class Reader:
         for series, path in enumerate(self.box_files):
             with open_netcdf(path) as dataset:
                 flip = _latitude_descending(dataset)
+                slicer = SstSlicer(dataset, slice(None), slice(None))
                 for position, _, index in days:
-                    values = read_sst(dataset, index, slice(None), slice(None))
+                    values = slicer.read(index)
                     block[series, position] = values[::-1] if flip else values
 
 
@@ -618,16 +642,35 @@ def finish_statistics(mean: np.ndarray, std: np.ndarray, count: np.ndarray, mask
 
 # ----------------------------------------------------------------------------------------------- tasks
 
-def write_block(staging: str, reader: Reader, days: list[tuple[int, str, int]], start: int, length: int,
-                marker: str) -> int:
-    """Read `length` days starting at time index `start`, write them to the store, leave a marker."""
+@dataclass(frozen=True)
+class BlockJob:
+    """One time block of the store: `length` days from time index `start`; `days` lists the
+    (position in block, path, index in file) of the days that have a file."""
+
+    start: int
+    length: int
+    days: list[tuple[int, str, int]]
+    marker: str
+
+
+def read_block(reader: Reader, days: list[tuple[int, str, int]], length: int) -> np.ndarray:
+    """(S, length, 60, 60) float32 boxes of one block; runs in a reading process."""
+    return reader.read_days(days, length)
+
+
+def write_block(staging: str, values: np.ndarray, start: int, marker: str) -> int:
+    """Write boxes (S, T, 60, 60) at time index `start` of the staging store, then leave a marker."""
     import zarr
 
-    block = reader.read_days(days, length)
     array = zarr.open_array(store=staging, path="sst", mode="r+")
-    array[:, start:start + length] = block
+    array[:, start:start + values.shape[1]] = values
     Path(marker).touch()
-    return length
+    return values.shape[1]
+
+
+def read_and_write_block(staging: str, reader: Reader, job: BlockJob) -> int:
+    """Both steps in one task, for a Dask cluster whose workers see the files and the store."""
+    return write_block(staging, read_block(reader, job.days, job.length), job.start, job.marker)
 
 
 def write_box_statistics(staging: str, series: int, train_start: int, train_stop: int,
@@ -665,6 +708,68 @@ def connect_scheduler(address: str | None):
                          "or DASK_SCHEDULER_ADDRESS") from None
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a batch job's allocation)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_workers(workers: int | None) -> int:
+    """`--workers`: None -> available cores; below 1 is a UsageError."""
+    if workers is None:
+        return available_cores()
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: give 1 or more reading processes (default: the "
+                         f"{available_cores()} available cores)")
+    return int(workers)
+
+
+def write_blocks_locally(staging: str, reader: Reader, jobs: list[BlockJob], workers: int, bar) -> None:
+    """Read blocks in `workers` processes (netCDF/HDF5 reads cannot run in threads) and write each in this one.
+
+    At most TASKS_PER_WORKER blocks per process are queued or held at a time; results are written in
+    time order as they arrive, so an interruption leaves a prefix of finished blocks plus markers.
+    """
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            write_block(staging, read_block(reader, job.days, job.length), job.start, job.marker)
+            bar.advance(1)
+        return
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_process_context())
+    queue: deque = deque()
+    pending = iter(jobs)
+    try:
+        for job in pending:
+            queue.append((job, pool.submit(read_block, reader, job.days, job.length)))
+            if len(queue) >= TASKS_PER_WORKER * workers:
+                break
+        while queue:
+            job, future = queue.popleft()
+            values = future.result()
+            write_block(staging, values, job.start, job.marker)
+            bar.advance(1)
+            for job in pending:
+                queue.append((job, pool.submit(read_block, reader, job.days, job.length)))
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _process_context():
+    """`forkserver` processes: fresh workers forked from a clean server that has imported this module,
+    never from this process (its zarr and progress-bar threads and HDF5 state must not be forked)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["netCDF4", __name__])
+    return context
+
+
 def run_tasks(tasks: list, client, description: str, unit: str) -> list:
     """Compute Dask delayed tasks on `client` or local threads, advancing a progress bar as each ends."""
     import dask
@@ -690,8 +795,7 @@ def run_tasks(tasks: list, client, description: str, unit: str) -> list:
                     bar.advance(1)
 
         with _Advance():
-            return list(dask.compute(*tasks, scheduler="threads",
-                                     num_workers=min(LOCAL_WORKERS, os.cpu_count() or 1)))
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=STATS_THREADS))
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -925,11 +1029,16 @@ def prepare_staging(staging: Path, plan: Plan, recipe: dict, attrs: dict) -> tup
 
 def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: str | None = None,
                 train_until: str = "2018", val: str = "2019", test: str = "2020", allow_gaps: bool = False,
-                scheduler: str | None = None, overwrite: bool = False, time_block: int = TIME_BLOCK) -> dict:
-    """`dyf prepare sst`: raw OISST files -> a data store of 60x60 boxes. Returns a summary dict."""
+                scheduler: str | None = None, overwrite: bool = False, time_block: int = TIME_BLOCK,
+                workers: int | None = None) -> dict:
+    """`dyf prepare sst`: raw OISST files -> a data store of 60x60 boxes. Returns a summary dict.
+
+    `workers`: reading processes on this machine (default: the available cores); ignored with a scheduler.
+    """
     started = time.monotonic()
     out = Path(out)
     requested, year_range = parse_boxes(boxes), parse_years(years)
+    workers = check_workers(workers)
     splits = time_splits(train_until, val, test)
     data_store.check_output(out, overwrite)
     client = connect_scheduler(scheduler)
@@ -938,33 +1047,40 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
         recipe = {"raw_dir": str(Path(raw_dir).resolve()), "layout": plan.archive.layout, "boxes": plan.boxes,
                   "years": years, "train_until": train_until, "val": val, "test": test, "allow_gaps": allow_gaps,
                   "time_block": time_block}
-        return _write_store(plan, recipe, out, client, started)
+        return _write_store(plan, recipe, out, client, workers, started)
     finally:
         if client is not None:
             client.close()
 
 
-def _write_store(plan: Plan, recipe: dict, out: Path, client, started: float) -> dict:
+def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, started: float) -> dict:
     """Staging store (fresh or resumed) -> field blocks -> statistics -> rename into place."""
     import dask
 
     staging = data_store.staging_path(out)
     marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
-    block_tasks, skipped = _block_tasks(plan, staging, marks, dask)
-    run_tasks(block_tasks, client, f"sst {len(plan.boxes)} boxes", "blocks")
+    jobs, skipped = _block_jobs(plan, marks)
+    description = f"sst {len(plan.boxes)} boxes"
+    if client is not None:
+        tasks = [dask.delayed(read_and_write_block, pure=False)(str(staging), plan.reader, job) for job in jobs]
+        run_tasks(tasks, client, description, "blocks")
+    elif jobs:
+        with progress(description, len(jobs), "blocks") as bar:
+            write_blocks_locally(str(staging), plan.reader, jobs, workers, bar)
     stats = _statistics(plan, staging, marks, client, dask)
     _finish(staging, out, marks)
-    return _summary(plan, out, len(block_tasks), skipped, stats, resumed, time.monotonic() - started)
+    return _summary(plan, out, len(jobs), skipped, stats, resumed, time.monotonic() - started)
 
 
-def _block_tasks(plan: Plan, staging: Path, marks: Path, dask) -> tuple[list, int]:
+def _block_jobs(plan: Plan, marks: Path) -> tuple[list[BlockJob], int]:
+    """The time blocks still to write (those without a marker), and how many were skipped."""
     first = plan.times[0]
     by_block: dict[int, list[tuple[int, str, int]]] = {}
     for day in plan.archive.days:
         time_index = int((day.date - first) // np.timedelta64(1, "D"))
         block, position = divmod(time_index, plan.time_block)
         by_block.setdefault(block, []).append((position, day.path, day.index))
-    tasks, skipped = [], 0
+    jobs, skipped = [], 0
     n_blocks = -(-len(plan.times) // plan.time_block)
     for block in range(n_blocks):
         marker = marks / f"block-{block:06d}"
@@ -973,9 +1089,8 @@ def _block_tasks(plan: Plan, staging: Path, marks: Path, dask) -> tuple[list, in
             continue
         start = block * plan.time_block
         length = min(plan.time_block, len(plan.times) - start)
-        tasks.append(dask.delayed(write_block, pure=False)(
-            str(staging), plan.reader, by_block.get(block, []), start, length, str(marker)))
-    return tasks, skipped
+        jobs.append(BlockJob(start, length, by_block.get(block, []), str(marker)))
+    return jobs, skipped
 
 
 def _statistics(plan: Plan, staging: Path, marks: Path, client, dask) -> dict:
