@@ -15,13 +15,13 @@ except ImportError:  # pragma: no cover
 from dyfcli.cli.app import OPTIONS, app
 
 # Registration happens on import; keep these imports light (no torch/xarray at module level).
-from dyfcli.cli import inspect as _inspect  # noqa: F401,E402
-from dyfcli.cli import prepare_sim as _prepare_sim  # noqa: F401,E402
 from dyfcli.cli import prepare_sst as _prepare_sst  # noqa: F401,E402
+from dyfcli.cli import prepare_sim as _prepare_sim  # noqa: F401,E402
 from dyfcli.cli import prepare_netcdf as _prepare_netcdf  # noqa: F401,E402
 from dyfcli.cli import train as _train  # noqa: F401,E402
-from dyfcli.cli import evaluate as _evaluate  # noqa: F401,E402
 from dyfcli.cli import forecast as _forecast  # noqa: F401,E402
+from dyfcli.cli import evaluate as _evaluate  # noqa: F401,E402
+from dyfcli.cli import inspect as _inspect  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split on
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ import shutil
 import threading
 import time
 import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +74,6 @@ MISSING_ABOVE = 1e30        # |x| above this is missing even when a tool dropped
 DAYS_OF_YEAR = 366
 TIME_BLOCK = 32             # days per write block and per chunk
 DEFAULT_BOXES = "84-89,108-112"
-STATS_THREADS = 4           # threads that compute statistics from the written store (zarr reads)
 TASKS_PER_WORKER = 2        # blocks queued per reading process: bounds memory to a few blocks
 
 LAT_NAMES = ("lat", "latitude")
@@ -726,43 +728,27 @@ def check_workers(workers: int | None) -> int:
     return int(workers)
 
 
-def write_blocks_locally(staging: str, reader: Reader, jobs: list[BlockJob], workers: int, bar) -> None:
-    """Read blocks in `workers` processes (netCDF/HDF5 reads cannot run in threads) and write each in this one.
-
-    At most TASKS_PER_WORKER blocks per process are queued or held at a time; results are written in
-    time order as they arrive, so an interruption leaves a prefix of finished blocks plus markers.
-    """
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
-            write_block(staging, read_block(reader, job.days, job.length), job.start, job.marker)
-            bar.advance(1)
+@contextmanager
+def local_processes(workers: int):
+    """A process pool of `workers` readers, started at once (so it boots while this process creates the
+    store); None for one worker, when everything runs in this process. Unfinished work is cancelled on exit."""
+    if workers <= 1:
+        yield None
         return
-    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_process_context())
-    queue: deque = deque()
-    pending = iter(jobs)
+    pool = ProcessPoolExecutor(workers, mp_context=_process_context())
     try:
-        for job in pending:
-            queue.append((job, pool.submit(read_block, reader, job.days, job.length)))
-            if len(queue) >= TASKS_PER_WORKER * workers:
-                break
-        while queue:
-            job, future = queue.popleft()
-            values = future.result()
-            write_block(staging, values, job.start, job.marker)
-            bar.advance(1)
-            for job in pending:
-                queue.append((job, pool.submit(read_block, reader, job.days, job.length)))
-                break
+        for _ in range(workers):  # each submit while no process is idle starts one more
+            pool.submit(int)
+        yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _process_context():
-    """`forkserver` processes: fresh workers forked from a clean server that has imported this module,
-    never from this process (its zarr and progress-bar threads and HDF5 state must not be forked)."""
+    """`forkserver` processes: forked from a clean server that has imported this module, never from this
+    process (its zarr and progress-bar threads and its HDF5 state must not be forked)."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
@@ -770,32 +756,43 @@ def _process_context():
     return context
 
 
+def ordered_results(pool, function, calls: Iterable[tuple], in_flight: int) -> Iterator:
+    """`function(*args)` for each `args` of `calls`, yielded in order. With a pool, at most `in_flight`
+    calls are queued or running at once (bounding the memory their results take); without, one by one here."""
+    calls = iter(calls)
+    if pool is None:
+        for args in calls:
+            yield function(*args)
+        return
+    queue = deque(pool.submit(function, *args) for args in itertools.islice(calls, in_flight))
+    while queue:
+        result = queue.popleft().result()
+        for args in itertools.islice(calls, 1):
+            queue.append(pool.submit(function, *args))
+        yield result
+
+
+def write_blocks_locally(staging: str, reader: Reader, jobs: list[BlockJob], pool, in_flight: int, bar) -> None:
+    """Read blocks in the pool's processes (HDF5 cannot read in threads) and write each here, in time order,
+    so an interruption leaves finished blocks with their markers. At most `in_flight` blocks are pending."""
+    calls = ((reader, job.days, job.length) for job in jobs)
+    for job, values in zip(jobs, ordered_results(pool, read_block, calls, in_flight)):
+        write_block(staging, values, job.start, job.marker)
+        bar.advance(1)
+
+
 def run_tasks(tasks: list, client, description: str, unit: str) -> list:
-    """Compute Dask delayed tasks on `client` or local threads, advancing a progress bar as each ends."""
-    import dask
+    """Compute Dask delayed tasks on a `distributed` client, advancing a progress bar as each ends."""
+    from distributed import as_completed
 
     if not tasks:
         return []
     with progress(description, len(tasks), unit) as bar:
-        if client is not None:
-            from distributed import as_completed
-
-            futures = client.compute(tasks)
-            for future in as_completed(futures, loop=client.loop):
-                future.result()
-                bar.advance(1)
-            return [future.result() for future in futures]
-        from dask.callbacks import Callback
-
-        keys = {task.key for task in tasks}
-
-        class _Advance(Callback):
-            def _posttask(self, key, result, dsk, state, worker_id):
-                if key in keys:
-                    bar.advance(1)
-
-        with _Advance():
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=STATS_THREADS))
+        futures = client.compute(tasks)
+        for future in as_completed(futures, loop=client.loop):
+            future.result()
+            bar.advance(1)
+        return [future.result() for future in futures]
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -1055,19 +1052,23 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
 
 def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, started: float) -> dict:
     """Staging store (fresh or resumed) -> field blocks -> statistics -> rename into place."""
-    import dask
-
     staging = data_store.staging_path(out)
-    marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
-    jobs, skipped = _block_jobs(plan, marks)
-    description = f"sst {len(plan.boxes)} boxes"
-    if client is not None:
-        tasks = [dask.delayed(read_and_write_block, pure=False)(str(staging), plan.reader, job) for job in jobs]
-        run_tasks(tasks, client, description, "blocks")
-    elif jobs:
-        with progress(description, len(jobs), "blocks") as bar:
-            write_blocks_locally(str(staging), plan.reader, jobs, workers, bar)
-    stats = _statistics(plan, staging, marks, client, dask)
+    n_blocks = -(-len(plan.times) // plan.time_block)
+    workers = 1 if client is not None else min(workers, n_blocks)
+    in_flight = TASKS_PER_WORKER * workers
+    with local_processes(workers) as pool:
+        marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
+        jobs, skipped = _block_jobs(plan, marks)
+        description = f"sst {len(plan.boxes)} boxes"
+        if client is not None:
+            import dask
+
+            tasks = [dask.delayed(read_and_write_block, pure=False)(str(staging), plan.reader, job) for job in jobs]
+            run_tasks(tasks, client, description, "blocks")
+        elif jobs:
+            with progress(description, len(jobs), "blocks") as bar:
+                write_blocks_locally(str(staging), plan.reader, jobs, pool, in_flight, bar)
+        stats = _statistics(plan, staging, marks, client, pool, in_flight)
     _finish(staging, out, marks)
     return _summary(plan, out, len(jobs), skipped, stats, resumed, time.monotonic() - started)
 
@@ -1093,20 +1094,30 @@ def _block_jobs(plan: Plan, marks: Path) -> tuple[list[BlockJob], int]:
     return jobs, skipped
 
 
-def _statistics(plan: Plan, staging: Path, marks: Path, client, dask) -> dict:
+def _statistics(plan: Plan, staging: Path, marks: Path, client, pool, in_flight: int) -> dict:
+    """One statistics task per box (on the cluster, in the local processes, or here); markers skip done boxes."""
     if plan.standardized:
         return {"filled_days": [], "floored": 0}
     start, stop = plan.train_range
     days_of_year = day_of_year(plan.times[start:stop])
-    tasks, results = [], []
+    calls, results = [], []
     for series in range(len(plan.boxes)):
         marker = marks / f"stats-{series:04d}"
         if marker.exists():
             results.append(json.loads(marker.read_text()))
             continue
-        tasks.append(dask.delayed(write_box_statistics, pure=False)(
-            str(staging), series, start, stop, days_of_year, plan.mask[series], plan.time_block, str(marker)))
-    results += run_tasks(tasks, client, "sst statistics", "boxes")
+        calls.append((str(staging), series, start, stop, days_of_year, plan.mask[series], plan.time_block,
+                      str(marker)))
+    if client is not None:
+        import dask
+
+        tasks = [dask.delayed(write_box_statistics, pure=False)(*args) for args in calls]
+        results += run_tasks(tasks, client, "sst statistics", "boxes")
+    elif calls:
+        with progress("sst statistics", len(calls), "boxes") as bar:
+            for result in ordered_results(pool, write_box_statistics, calls, in_flight):
+                results.append(result)
+                bar.advance(1)
     return {"filled_days": sorted({d for r in results for d in r["filled_days"]}),
             "floored": int(sum(r["floored"] for r in results))}
 
