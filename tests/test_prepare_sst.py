@@ -215,6 +215,34 @@ def test_bad_inputs_raise_data_errors(tmp_path, short_psl):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_two_reading_processes_write_the_same_store_as_one(short_psl, tmp_path):
+    folder, _, _ = short_psl
+    flags = dict(boxes="84-85", time_block=4, **SHORT_SPLITS)  # 11 blocks: several in flight at once
+    one = oisst.prepare_sst(folder, tmp_path / "one.zarr", workers=1, **flags)
+    two = oisst.prepare_sst(folder, tmp_path / "two.zarr", workers=2, **flags)
+    assert one["workers"] == 1 and two["workers"] == 2 and one["blocks_written"] == two["blocks_written"] == 11
+    a, b = xr.open_zarr(tmp_path / "one.zarr"), xr.open_zarr(tmp_path / "two.zarr")
+    for name in ("sst", "mask", "stats_mean_sst", "stats_std_sst", "lat", "lon", "time"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    assert np.isfinite(b["sst"].values).any()
+    with pytest.raises(UsageError, match="--workers 0"):
+        oisst.prepare_sst(folder, tmp_path / "zero.zarr", workers=0, **flags)
+
+
+def test_decode_sst_applies_cf_packing_and_missing_values_by_hand():
+    packed = np.array([[-999, 0, 1234], [-5, 32767, -999]], dtype=np.int16)
+    decoded = oisst.decode_sst(packed, {"_FillValue": np.int16(-999), "scale_factor": 0.01, "add_offset": 0.0})
+    np.testing.assert_array_equal(np.isnan(decoded), [[True, False, False], [False, False, True]])
+    np.testing.assert_allclose(decoded[~np.isnan(decoded)], [0.0, 12.34, -0.05, 327.67], rtol=1e-6)
+    assert decoded.dtype == np.float32
+    psl = np.array([-9.96921e36, 21.5, np.nan, 2e30, -1.8], dtype=np.float32)
+    for attrs in ({"missing_value": np.float32(-9.96921e36)}, {}):  # |x| > 1e30 is missing even without it
+        np.testing.assert_array_equal(np.isnan(oisst.decode_sst(psl, attrs)), [True, False, True, True, False])
+    offset = oisst.decode_sst(np.array([100, -1], dtype=np.int16), {"missing_value": np.int16(-1),
+                                                                   "scale_factor": 0.5, "add_offset": 10.0})
+    np.testing.assert_array_equal(offset, np.array([60.0, np.nan], dtype=np.float32))
+
+
 def test_interrupted_run_resumes_and_matches_a_clean_run(short_psl, tmp_path, monkeypatch):
     folder, _, _ = short_psl
     flags = dict(boxes="84-85", time_block=4, **SHORT_SPLITS)

@@ -1070,7 +1070,9 @@ def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, star
                 write_blocks_locally(str(staging), plan.reader, jobs, pool, in_flight, bar)
         stats = _statistics(plan, staging, marks, client, pool, in_flight)
     _finish(staging, out, marks)
-    return _summary(plan, out, len(jobs), skipped, stats, resumed, time.monotonic() - started)
+    summary = _summary(plan, out, len(jobs), skipped, stats, resumed, time.monotonic() - started)
+    summary["workers"] = None if client is not None else workers  # local reading processes (None: the cluster)
+    return summary
 
 
 def _block_jobs(plan: Plan, marks: Path) -> tuple[list[BlockJob], int]:
