@@ -554,7 +554,9 @@ def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrit
         if failure is not None:
             raise failure
         raise DataError(f"rank 0 could not prepare {out}; see its error message")
-    return forecast_store.BlockWriter(out).done()
+    done = forecast_store.BlockWriter(out).done()
+    ranks.barrier()  # no rank writes before every rank has read `done`: all deal the same pending blocks
+    return done
 
 
 def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> None:

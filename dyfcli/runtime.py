@@ -103,15 +103,17 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
 
 
 def resolve_device(spec: str = "auto"):
-    """Turn `auto|cpu|cuda|cuda:N` into a torch.device; auto picks the GPU when there is one."""
+    """Turn `auto|cpu|cuda|cuda:N` into a torch.device; auto picks the GPU when there is one (under
+    torchrun/srun the rank's local GPU)."""
     import torch
 
     from dyfcli.errors import UsageError
 
     if spec == "auto":
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        launch = launch_environment()  # known before the process group is joined
+        return torch.device("cuda", launch["local_rank"]) if launch is not None else torch.device("cuda")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
@@ -240,7 +242,6 @@ def distributed(backend: str | None = None) -> Iterator[Ranks]:
 
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("LOCAL_RANK", str(launch["local_rank"]))  # read by resolve_device
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     joined = not dist.is_initialized()
     if joined:

@@ -59,8 +59,12 @@ def _coordinates(dataset, lat, lon) -> None:
 
 
 def write_psl(folder: Path, dates: np.ndarray, *, lat=LAT, lon=LON, v2_years=(), offset: float = 0.0,
-              name: str | None = None, values: np.ndarray | None = None) -> np.ndarray:
-    """PSL yearly files `sst.day.mean.YYYY.nc` (`.v2.nc` for `v2_years`); returns the values (T, Y, X)."""
+              name: str | None = None, values: np.ndarray | None = None, zlib: bool = False,
+              shuffle: bool = True) -> np.ndarray:
+    """PSL yearly files `sst.day.mean.YYYY.nc` (`.v2.nc` for `v2_years`); returns the values (T, Y, X).
+
+    `zlib` compresses each day's chunk (level 1, byte shuffle first unless `shuffle` is False) like the
+    real downloads; by default the chunks are stored uncompressed."""
     folder.mkdir(parents=True, exist_ok=True)
     values = (synthetic_sst(dates, lat, lon) if values is None else values) + np.float32(offset)
     years = dates.astype("datetime64[Y]").astype(int) + 1970
@@ -73,7 +77,8 @@ def write_psl(folder: Path, dates: np.ndarray, *, lat=LAT, lon=LON, v2_years=(),
             time = dataset.createVariable("time", "f8", ("time",))
             time.units = "days since 1800-01-01 00:00:00"
             time[:] = (dates[pick] - np.datetime64("1800-01-01")).astype(float)
-            sst = dataset.createVariable("sst", "f4", ("time", "lat", "lon"), chunksizes=(1, len(lat), len(lon)))
+            sst = dataset.createVariable("sst", "f4", ("time", "lat", "lon"), chunksizes=(1, len(lat), len(lon)),
+                                         zlib=zlib, complevel=1, shuffle=zlib and shuffle)
             sst.missing_value = PSL_MISSING
             sst.units = "degC"
             sst.set_auto_maskandscale(False)

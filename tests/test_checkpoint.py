@@ -73,6 +73,9 @@ def test_missing_corrupt_foreign_and_newer_files_are_checkpoint_errors(store_pat
     (tmp_path / "corrupt.pt").write_bytes(os.urandom(300))
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(tmp_path / "corrupt.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x86" + bytes(299))  # a pickle TUPLE2 on an empty stack: IndexError
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "garbage.pt")
     save_checkpoint(tmp_path / "good.pt", _checkpoint(store_path))
     truncated = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(truncated[: len(truncated) // 2])

@@ -229,6 +229,41 @@ def test_two_reading_processes_write_the_same_store_as_one(short_psl, tmp_path):
         oisst.prepare_sst(folder, tmp_path / "zero.zarr", workers=0, **flags)
 
 
+@pytest.mark.skipif(not oisst.chunk_reading_available(), reason="needs h5py and deflate")
+def test_chunks_inflated_directly_equal_netcdf_reads(tmp_path):
+    dates = days("2003-12-30", "2004-01-02")
+    write_psl(tmp_path / "shuffled", dates, zlib=True)
+    write_psl(tmp_path / "deflated", dates, zlib=True, shuffle=False)
+    write_psl(tmp_path / "plain", dates)
+    write_ncei(tmp_path / "ncei", dates[:1])
+    ncei_file = next((tmp_path / "ncei").rglob("*.nc"))
+    rows, cols = slice(1, 61), slice(2, 122)
+    for path, fast_expected in ((tmp_path / "shuffled" / "sst.day.mean.2003.nc", True),
+                                (tmp_path / "deflated" / "sst.day.mean.2004.nc", True),
+                                (ncei_file, True), (tmp_path / "plain" / "sst.day.mean.2003.nc", False)):
+        with oisst.open_netcdf(path) as dataset:
+            netcdf = oisst.SstSlicer(dataset, rows, cols)
+            chunks = oisst.ChunkSlicer.open(path, netcdf, rows, cols)
+            assert (chunks is not None) == fast_expected, path
+            if chunks is not None:
+                for day in range(dataset.dimensions["time"].size):
+                    np.testing.assert_array_equal(chunks.read(day), netcdf.read(day))
+                    assert np.isnan(chunks.read(day)).any() and np.isfinite(chunks.read(day)).any()
+                chunks.close()
+
+
+def test_store_is_the_same_with_or_without_direct_chunk_reads(tmp_path, monkeypatch):
+    folder = tmp_path / "zlib"
+    write_psl(folder, days("2003-12-01", "2004-01-10"), zlib=True)
+    flags = dict(boxes="84-85", workers=1, **SHORT_SPLITS)  # one process, so the flag below applies
+    oisst.prepare_sst(folder, tmp_path / "fast.zarr", **flags)
+    monkeypatch.setattr(oisst, "FAST_CHUNKS", False)
+    oisst.prepare_sst(folder, tmp_path / "netcdf.zarr", **flags)
+    a, b = xr.open_zarr(tmp_path / "fast.zarr"), xr.open_zarr(tmp_path / "netcdf.zarr")
+    for name in ("sst", "mask", "stats_mean_sst", "stats_std_sst"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
 def test_decode_sst_applies_cf_packing_and_missing_values_by_hand():
     packed = np.array([[-999, 0, 1234], [-5, 32767, -999]], dtype=np.int16)
     decoded = oisst.decode_sst(packed, {"_FillValue": np.int16(-999), "scale_factor": 0.01, "add_offset": 0.0})

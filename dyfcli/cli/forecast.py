@@ -8,7 +8,7 @@ import typer
 
 from dyfcli.cli.app import app, run_command
 
-INIT_HELP = (
+_INIT_HELP = (
     "Initial conditions inside the split: 'all' (every step whose whole horizon lies in the split; default "
     "for date splits), 'first' (the split's first step; default for series splits such as simulations, which "
     "start at step 0), 'every:N' (every N-th of 'all'), '0,5,10' (positions within the split, 0 = its first "
@@ -16,7 +16,7 @@ INIT_HELP = (
 )
 
 
-def render(summary: dict) -> str:
+def _render(summary: dict) -> str:
     rate = summary.get("network_evals_per_s")
     return (f"forecast: {summary['out']}\n"
             f"  blocks: {summary['blocks_written']} written now, {summary['blocks_resumed']} already done, "
@@ -48,7 +48,7 @@ def forecast_command(
     data: Path | None = typer.Option(None, "--data", help="Data store (default: the one the checkpoint "
                                                           "was trained on)."),
     split: str = typer.Option("test", "--split", help="Split of the data store to start from."),
-    init: str | None = typer.Option(None, "--init", help=INIT_HELP),
+    init: str | None = typer.Option(None, "--init", help=_INIT_HELP),
     steps: str | None = typer.Option(None, "--steps", help="DYffusion sampling schedule: full, only_dynamics, "
                                                            "everyN, firstN, only_dynamics_plusN (default: "
                                                            "the checkpoint's)."),
@@ -62,7 +62,7 @@ def forecast_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted forecast into --out."),
 ) -> None:
     """Forecast ensembles from every chosen initial condition and write them, in physical units, to a
-    forecast store; run under torchrun to spread initial conditions over GPUs."""
+    forecast store; run under torchrun or srun to spread initial conditions over GPUs."""
 
     def workflow() -> dict:
         from dyfcli.forecast import ForecastRequest, run_forecast
@@ -73,4 +73,4 @@ def forecast_command(
             output_times=_output_times(output_times), overwrite=overwrite, resume=resume)
         return run_forecast(request)
 
-    run_command("forecast", workflow, render)
+    run_command("forecast", workflow, _render)

@@ -74,6 +74,7 @@ MISSING_ABOVE = 1e30        # |x| above this is missing even when a tool dropped
 DAYS_OF_YEAR = 366
 TIME_BLOCK = 32             # days per write block and per chunk
 DEFAULT_BOXES = "84-89,108-112"
+FAST_CHUNKS = True          # read whole-day deflate chunks with h5py + libdeflate when installed
 TASKS_PER_WORKER = 2        # blocks queued per reading process: bounds memory to a few blocks
 
 LAT_NAMES = ("lat", "latitude")
@@ -223,7 +224,8 @@ class SstSlicer:
             self.variable = dataset.variables["sst"]
             self.variable.set_auto_maskandscale(False)
             self.attrs = {name: self.variable.getncattr(name) for name in self.variable.ncattrs()}
-            roles = [_dimension_role(dim) for dim in self.variable.dimensions]
+            self.dimensions = tuple(self.variable.dimensions)
+            roles = [_dimension_role(dim) for dim in self.dimensions]
         self.key = [{"lat": rows, "lon": cols}.get(role, 0) for role in roles]
         self.time_axis = roles.index("time")
         self.transposed = [r for r in roles if r in ("lat", "lon")] == ["lon", "lat"]
@@ -234,6 +236,82 @@ class SstSlicer:
         key[self.time_axis] = time_index
         with NETCDF_LOCK:
             raw = np.asarray(self.variable[tuple(key)])
+        return decode_sst(raw.T if self.transposed else raw, self.attrs)
+
+
+def chunk_reading_available() -> bool:
+    """Whether the optional packages of `ChunkSlicer` (h5py, deflate) are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("h5py", "deflate"))
+
+
+class ChunkSlicer:
+    """Reads the (rows, cols) region of `sst` one day at a time by inflating the day's stored chunk itself.
+
+    For files (NetCDF-4 = HDF5) that store each day as one chunk compressed by deflate, after an optional
+    byte shuffle, and nothing else (the PSL and NCEI downloads): the chunk's bytes are read with h5py,
+    inflated with libdeflate (about 3x faster than the zlib inside HDF5) and un-shuffled for the region only.
+    The raw values are the same as HDF5's, so `decode_sst` gives the same result. `open` returns None when
+    h5py or deflate is not installed or the file is stored differently; a day whose chunk skipped a filter
+    is read through netCDF (`fallback`).
+    """
+
+    DEFLATE, SHUFFLE = 1, 2   # HDF5 filter ids
+
+    def __init__(self, h5file, variable, region: tuple[slice, slice], shuffled: bool, fallback: SstSlicer):
+        self.h5file, self.variable, self.region, self.shuffled = h5file, variable, region, shuffled
+        self.fallback, self.attrs, self.transposed = fallback, fallback.attrs, fallback.transposed
+        self.roles = [_dimension_role(dim) for dim in fallback.dimensions]
+        self.spatial_shape = tuple(size for size, role in zip(variable.shape, self.roles) if role in ("lat", "lon"))
+        self.nbytes = int(np.prod(self.spatial_shape)) * variable.dtype.itemsize
+
+    @classmethod
+    def open(cls, path, fallback: SstSlicer, rows: slice, cols: slice) -> ChunkSlicer | None:
+        try:
+            import deflate  # noqa: F401
+            import h5py
+        except ImportError:
+            return None
+        try:
+            h5file = h5py.File(path, "r")
+        except OSError:
+            return None
+        try:
+            variable = h5file["sst"]
+            roles = [_dimension_role(dim) for dim in fallback.dimensions]
+            whole_days = variable.chunks == tuple(size if role in ("lat", "lon") else 1
+                                                  for size, role in zip(variable.shape, roles))
+            plist = variable.id.get_create_plist()
+            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+            if whole_days and variable.dtype.kind in "iuf" and filters in ([cls.DEFLATE], [cls.SHUFFLE, cls.DEFLATE]):
+                region = (cols, rows) if fallback.transposed else (rows, cols)
+                return cls(h5file, variable, region, filters[0] == cls.SHUFFLE, fallback)
+        except (KeyError, OSError, ValueError, TypeError):
+            pass
+        h5file.close()
+        return None
+
+    def close(self) -> None:
+        self.h5file.close()
+
+    def read(self, time_index: int) -> np.ndarray:
+        """(rows, cols) float32 °C, NaN where missing; the same values as `SstSlicer.read`."""
+        import deflate
+
+        offset = tuple(time_index if role == "time" else 0 for role in self.roles)
+        try:
+            filter_mask, chunk = self.variable.id.read_direct_chunk(offset)
+        except (OSError, ValueError, KeyError):   # a chunk never written holds the fill value
+            return self.fallback.read(time_index)
+        if filter_mask:
+            return self.fallback.read(time_index)
+        data = np.frombuffer(deflate.zlib_decompress(chunk, self.nbytes), dtype=np.uint8)
+        if self.shuffled:  # byte k of every value is stored in plane k
+            planes = data.reshape(self.variable.dtype.itemsize, *self.spatial_shape)[:, self.region[0], self.region[1]]
+            raw = np.ascontiguousarray(np.moveaxis(planes, 0, -1)).view(self.variable.dtype)[..., 0]
+        else:
+            raw = data.view(self.variable.dtype).reshape(self.spatial_shape)[self.region]
         return decode_sst(raw.T if self.transposed else raw, self.attrs)
 
 
@@ -511,8 +589,13 @@ class Reader:
                 if self.layout == "ncei":
                     self._check_ncei_date(dataset, path)
                 slicer = SstSlicer(dataset, self.cutter.rows, self.cutter.cols)
-                for position, index in entries:
-                    block[:, position] = self.cutter.cut(slicer.read(index))
+                fast = ChunkSlicer.open(path, slicer, self.cutter.rows, self.cutter.cols) if FAST_CHUNKS else None
+                try:
+                    for position, index in entries:
+                        block[:, position] = self.cutter.cut((fast or slicer).read(index))
+                finally:
+                    if fast is not None:
+                        fast.close()
 
     def _check_same_grid(self, dataset, path) -> None:
         found = grid_signature(dataset)
