@@ -1,18 +1,41 @@
-"""The paper's skill comparison at an equal training budget, on the simulated spring mesh.
+"""The paper's skill comparison at an equal training budget, on the simulated spring mesh, CPU-sized.
 
-    .venv/bin/python benchmarks/skill.py --trajectories 12,2,3 --steps 300 --horizon 804 --ensemble 50 \
-        [--methods dyffusion,dropout,perturbation,ddpm] [--dim 64] [--device auto] [--dir /tmp/skill]
+    .venv/bin/python benchmarks/skill.py                      # the default protocol below (~30 min, 2 cores)
+    .venv/bin/python benchmarks/skill.py --budget per-network --methods dropout,perturbation --dir SAME_DIR
 
-Runs the real `dyf` commands (prepare, train-interpolator, train-forecaster, forecast, evaluate) with the
-`spring-mesh` preset (h = 134, the paper's CNN) and prints one table: CRPS, MSE, SSR (means over lead
-times, paper conventions), network evaluations per member and forecast wall time.
+Runs the real `dyf` commands (prepare, train-interpolator, train-forecaster, forecast, evaluate) and prints
+one table like the paper's (reference/paper-results.md 1.3): CRPS, MSE, SSR (means over fields and lead
+times, physical units, as `dyf evaluate` reports them), network evaluations per member, forecast wall time
+and training wall time; persistence's CRPS as a reference.
 
-Equal budget: every network gets `--steps` optimiser steps; DYffusion trains two networks (interpolator and
-forecaster), so each baseline gets 2 x `--steps` steps, the same number of optimiser steps in total.
-Baseline settings follow the paper: Dropout uses dropout 0.05 in the forecaster network (kept on at
-inference); Perturbation uses the deterministic network (dropout 0) and `--sigma` on the initial
-condition; DDPM samples with DDIM over `--ddpm-sampling-steps` of its 1000 noise levels.
-Small runs are far from converged; they show the machinery and relative behaviour, not the paper's numbers.
+Default protocol (the paper's spring-mesh setup, scaled down; preset presets/spring-mesh-small.yaml):
+  data      simulated spring mesh, 20 train / 2 val / 3 test trajectories of 805 steps (`dyf prepare
+            spring-mesh --trajectories 20,2,3`); the paper uses 100 / 3 / 15 (the DYffusion paper's preset).
+  model     the paper's SimpleConvNet (kernels 9-7-5-3, residual, BatchNorm) at width 32 (paper: 64),
+            32-step windows (paper: h = 134), lr 4e-4, batch 64, AdamW, no schedule, seed 11.
+  budget    `--budget total` (default): DYffusion trains two networks, interpolator and forecaster, STEPS
+            optimiser steps each; every baseline trains its single network for 2 x STEPS steps, so every
+            method gets the same number of optimiser steps of batch 64 in total (DYffusion's forecaster
+            steps also run the frozen interpolator forward, so its wall time is larger).
+            `--budget per-network`: every network gets STEPS steps (as in the paper, where each network
+            trains 300 epochs), so DYffusion gets twice the baselines' steps in total.
+            The checkpoint kept is the best of the validations every STEPS/2 steps and at the end (2 batches
+            of 16 validation windows, 10 members), for every method alike.
+  DYffusion the spring-mesh settings: interpolator dropout 0.05 (kept on at inference), forecaster dropout
+            0, k = 0, forward conditioning "data", refinement on, full sampling schedule.
+  Dropout   the time-conditioned forecaster with dropout 0.05 (`--dropout`), MC dropout at inference.
+  Perturb.  the same network with dropout 0; each member's initial condition gets sigma * N(0, 1) in
+            normalised units. sigma is chosen on the VALIDATION split (`--sigma auto`): the trained network
+            forecasts the val trajectories with every sigma of `--sigma-grid` and the lowest CRPS wins (the
+            paper does not publish its sigma). `--sigma 0.01` fixes it instead.
+  DDPM      joint denoising of the 32 stacked future frames, cosine schedule, T = 1000, L1 on the noise,
+            sampled with DDIM (eta 1) over `--ddpm-sampling-steps` of the 1000 levels.
+  test      50 members from the first step of each of the 3 test trajectories, `--horizon` 128 lead times
+            (4 windows of 32 chained autoregressively; the paper: 804 = 6 windows of 134), seed 0.
+
+Small runs are far from converged; they show relative behaviour at this budget, not the paper's numbers.
+The work folder keeps the store and the models (their names carry the settings that shape them), so re-running
+with other flags in the same `--dir` reuses whatever it can.
 """
 
 from __future__ import annotations
@@ -27,13 +50,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "presets" / "spring-mesh-small.yaml"
 
 
 def dyf(*args: str, log: Path) -> dict:
     """Run `dyf --json ...`; its stderr goes to `log`; returns the JSON summary."""
     command = [sys.executable, "-m", "dyfcli", "--json", *args]
     with open(log, "a") as handle:
-        handle.write(f"\n$ dyf {' '.join(args)}\n")
+        handle.write(f"\n[{time.strftime('%H:%M:%S')}] $ dyf {' '.join(args)}\n")
         handle.flush()
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -41,72 +65,154 @@ def dyf(*args: str, log: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def common_sets(args) -> list[str]:
-    sets = ["data.num_workers=0", f"data.batch_size={args.batch_size}", f"training.validate_every={max(args.steps // 2, 1)}",
-            "training.val_max_batches=2", "training.val_ensemble=10", "training.log_every=50",
-            f"forecaster.network.hyper.dim={args.dim}", f"interpolator.network.hyper.dim={args.dim}"]
-    return [part for item in sets for part in ("--set", item)]
+def as_sets(items: list[str]) -> list[str]:
+    return [part for item in items for part in ("--set", item)]
 
 
-def method_sets(method: str, args) -> list[str]:
-    budget = {"dyffusion": args.steps}.get(method, 2 * args.steps)
-    sets = [f"forecaster.max_steps={budget}"]
+def common_sets(args, steps: int) -> list[str]:
+    """Settings every training run shares (the preset holds the rest)."""
+    return as_sets([f"data.horizon={args.window}", f"data.batch_size={args.batch_size}",
+                    f"forecaster.network.hyper.dim={args.dim}", f"interpolator.network.hyper.dim={args.dim}",
+                    f"training.validate_every={max(steps // 2, 1)}"])
+
+
+def baseline_steps(args) -> int:
+    return 2 * args.steps if args.budget == "total" else args.steps
+
+
+def method_sets(method: str, args, steps: int) -> list[str]:
+    sets = [f"forecaster.max_steps={steps}"]
     if method == "dropout":
-        sets.append("forecaster.network.dropout.dropout=0.05")
-    if method == "perturbation":
-        sets.append(f"baseline.perturbation_sigma={args.sigma}")
+        sets.append(f"forecaster.network.dropout.dropout={args.dropout}")
+    if method in ("perturbation", "ddpm"):
+        sets.append("forecaster.network.dropout.dropout=0.0")
     if method == "ddpm":
         sets += ["baseline.diffusion_steps=1000", f"baseline.sampling_steps={args.ddpm_sampling_steps}"]
-    return [part for item in sets for part in ("--set", item)]
+    return as_sets(sets)
+
+
+def shape_tag(args) -> str:
+    return f"h{args.window}_dim{args.dim}_bs{args.batch_size}"
+
+
+def train(method: str, store: Path, folder: Path, args, log: Path) -> tuple[Path, float]:
+    """The trained model of `method` (trained now unless the folder has it) and its training seconds."""
+    started = time.perf_counter()
+    tag = shape_tag(args)
+    if method == "dyffusion":
+        interpolator = folder / f"interpolator_{tag}_steps{args.steps}.pt"
+        if not interpolator.exists():
+            dyf("train-interpolator", "--data", str(store), "--preset", str(args.preset), *common_sets(args, args.steps),
+                "--set", f"interpolator.max_steps={args.steps}", "--device", args.device,
+                "--out", str(interpolator), log=log)
+        steps, source = args.steps, ["--interpolator", str(interpolator)]
+    else:
+        steps, source = baseline_steps(args), ["--method", method, "--preset", str(args.preset)]
+    extra = f"_p{args.dropout}" if method == "dropout" else ""
+    model = folder / f"{method}_{tag}_steps{steps}{extra}.pt"
+    if not model.exists():
+        dyf("train-forecaster", "--data", str(store), *source, *common_sets(args, steps),
+            *method_sets(method, args, steps), "--device", args.device, "--out", str(model), log=log)
+    return model, time.perf_counter() - started
+
+
+def with_sigma(model: Path, sigma: float) -> Path:
+    """A copy of a perturbation checkpoint with `baseline.perturbation_sigma = sigma` (DESIGN.md section 4:
+    a plain dict whose `config` is the resolved config; the network does not depend on sigma)."""
+    import torch
+
+    copy = model.with_name(f"{model.stem}_sigma{sigma:g}.pt")
+    if not copy.exists():
+        payload = torch.load(model, weights_only=True)
+        payload["config"]["baseline"]["perturbation_sigma"] = float(sigma)
+        torch.save(payload, copy)
+    return copy
+
+
+def score(model: Path, store: Path, split: str, args, log: Path) -> dict:
+    """Forecast `split` from its first steps and score it: mean CRPS/MSE/SSR over fields and leads."""
+    forecast = model.with_name(f"{model.stem}.{split}.h{args.horizon}.m{args.ensemble}.zarr")
+    summary = dyf("forecast", "--ckpt", str(model), "--data", str(store), "--split", split,
+                  "--horizon", str(args.horizon), "--ensemble", str(args.ensemble), "--device", args.device,
+                  "--out", str(forecast), "--overwrite", log=log)
+    scores = dyf("evaluate", str(forecast), "--out", str(forecast.with_suffix(".scores.csv")), log=log)
+    fields = scores["fields"]
+    mean = lambda table, metric: sum(table[f][metric]["mean"] for f in fields) / len(fields)  # noqa: E731
+    return {"crps": mean(scores["scores"], "crps"), "mse": mean(scores["scores"], "mse"),
+            "ssr": mean(scores["scores"], "ssr"), "network_calls": summary["network_calls_per_member"],
+            "forecast_s": summary["seconds"], "persistence_crps": mean(scores["baselines"]["persistence"], "crps")}
+
+
+def choose_sigma(model: Path, store: Path, args, log: Path) -> tuple[float, dict[float, float]]:
+    """Perturbation's sigma: the value of the grid with the lowest validation CRPS (or the fixed --sigma)."""
+    if args.sigma != "auto":
+        return float(args.sigma), {}
+    val_crps = {sigma: score(with_sigma(model, sigma), store, "val", args, log)["crps"] for sigma in args.sigma_grid}
+    return min(val_crps, key=val_crps.get), val_crps
 
 
 def run_method(method: str, store: Path, folder: Path, args, log: Path) -> dict:
-    model = folder / f"{method}.pt"
-    started = time.perf_counter()
-    if method == "dyffusion":
-        interpolator = folder / "interpolator.pt"
-        if not interpolator.exists():
-            dyf("train-interpolator", "--data", str(store), "--preset", "spring-mesh", *common_sets(args),
-                "--set", f"interpolator.max_steps={args.steps}", "--device", args.device,
-                "--out", str(interpolator), log=log)
-        train = ["--interpolator", str(interpolator)]
-    else:
-        train = ["--method", method, "--preset", "spring-mesh"]
-    if not model.exists():
-        dyf("train-forecaster", "--data", str(store), *train, *common_sets(args), *method_sets(method, args),
-            "--device", args.device, "--out", str(model), log=log)
-    train_seconds = time.perf_counter() - started
-    forecast = folder / f"{method}.forecast.zarr"
-    summary = dyf("forecast", "--ckpt", str(model), "--data", str(store), "--split", "test",
-                  "--horizon", str(args.horizon), "--ensemble", str(args.ensemble), "--device", args.device,
-                  "--out", str(forecast), "--overwrite", log=log)
-    scores = dyf("evaluate", str(forecast), "--out", str(folder / f"{method}.scores.csv"), log=log)
-    fields = scores["fields"]
-    mean = lambda metric: sum(scores["scores"][f][metric]["mean"] for f in fields) / len(fields)  # noqa: E731
-    return {"method": method, "crps": mean("crps"), "mse": mean("mse"), "ssr": mean("ssr"),
-            "network_calls": summary["network_calls_per_member"], "forecast_s": summary["seconds"],
-            "train_s": train_seconds, "persistence_crps": sum(
-                scores["baselines"]["persistence"][f]["crps"]["mean"] for f in fields) / len(fields)}
+    model, train_seconds = train(method, store, folder, args, log)
+    row = {"method": method, "train_s": train_seconds,
+           "train_steps": 2 * args.steps if method == "dyffusion" else baseline_steps(args)}
+    if method == "perturbation":
+        sigma, val_crps = choose_sigma(model, store, args, log)
+        row["sigma"], row["sigma_val_crps"] = sigma, val_crps
+        model = with_sigma(model, sigma)
+        print(f"  perturbation sigma {sigma:g} (validation CRPS by sigma: "
+              f"{', '.join(f'{s:g}: {c:.4f}' for s, c in val_crps.items()) or 'fixed'})", file=sys.stderr, flush=True)
+    row.update(score(model, store, "test", args, log))
+    return row
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trajectories", default="20,2,3", help="train,val,test trajectories to simulate")
+    parser.add_argument("--steps", type=int, default=250, help="optimiser steps per DYffusion network (see --budget)")
+    parser.add_argument("--budget", choices=("total", "per-network"), default="total",
+                        help="total: baselines get 2 x STEPS (same total steps); per-network: STEPS each")
+    parser.add_argument("--window", type=int, default=32, help="training window h in steps (paper: 134)")
+    parser.add_argument("--horizon", type=int, default=128, help="lead times to forecast (paper: 804)")
+    parser.add_argument("--ensemble", type=int, default=50)
+    parser.add_argument("--methods", default="dyffusion,dropout,perturbation,ddpm")
+    parser.add_argument("--dim", type=int, default=32, help="CNN width (paper: 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training windows per step (paper: 64)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="Dropout baseline's dropout (paper: 0.05)")
+    parser.add_argument("--sigma", default="auto", help="Perturbation's noise (normalised units), or 'auto'")
+    parser.add_argument("--sigma-grid", default="0.001,0.003,0.01,0.03,0.1",
+                        type=lambda text: [float(v) for v in text.split(",")], help="sigmas tried by --sigma auto")
+    parser.add_argument("--ddpm-sampling-steps", type=int, default=50)
+    parser.add_argument("--preset", type=Path, default=PRESET)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (kept; re-running reuses models)")
+    return parser.parse_args()
+
+
+def print_table(rows: list[dict], args, folder: Path) -> None:
+    print(f"spring mesh, trajectories {args.trajectories} (train,val,test), window h={args.window}, dim {args.dim}, "
+          f"batch {args.batch_size}, budget {args.budget}: DYffusion {args.steps}+{args.steps} steps, baselines "
+          f"{baseline_steps(args)} steps; {args.horizon} lead times, {args.ensemble} members, device {args.device}, "
+          f"{os.cpu_count()} cores; work folder {folder}")
+    header = (f"{'method':<14}{'CRPS':>9}{'MSE':>11}{'SSR':>7}{'net evals':>11}{'forecast s':>12}"
+              f"{'train steps':>13}{'train s':>9}")
+    print(header)
+    for row in rows:
+        name = row["method"] + (f" s={row['sigma']:g}" if "sigma" in row else "")
+        print(f"{name:<14}{row['crps']:>9.4f}{row['mse']:>11.3e}{row['ssr']:>7.3f}{row['network_calls']:>11}"
+              f"{row['forecast_s']:>12.1f}{row['train_steps']:>13}{row['train_s']:>9.0f}")
+    print(f"{'persistence':<14}{rows[0]['persistence_crps']:>9.4f}")
+    by_method = {row["method"]: row for row in rows}
+    if "dyffusion" in by_method and "dropout" in by_method:
+        gain = 1 - by_method["dyffusion"]["crps"] / by_method["dropout"]["crps"]
+        print(f"DYffusion's CRPS is {100 * gain:.1f}% below Dropout's (paper, spring mesh test: 25.4%)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trajectories", default="12,2,3", help="train,val,test trajectories to simulate")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per network")
-    parser.add_argument("--horizon", type=int, default=804, help="lead times to forecast (804: full test rollouts)")
-    parser.add_argument("--ensemble", type=int, default=50)
-    parser.add_argument("--methods", default="dyffusion,dropout,perturbation")
-    parser.add_argument("--dim", type=int, default=64, help="CNN width (64: the paper's)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training windows per step (64: the paper's)")
-    parser.add_argument("--sigma", type=float, default=0.05, help="Perturbation's noise (normalised units)")
-    parser.add_argument("--ddpm-sampling-steps", type=int, default=50)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dir", type=Path, default=None, help="work folder (kept; re-running reuses models)")
-    args = parser.parse_args()
+    args = parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="dyf-skill-"))
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
-    store = folder / "spring-mesh.zarr"
+    store = folder / f"spring-mesh_{args.trajectories.replace(',', '-')}.zarr"
     if not store.exists():
         dyf("prepare", "spring-mesh", "--out", str(store), "--trajectories", args.trajectories, "--device", "cpu",
             log=log)
@@ -114,15 +220,12 @@ def main() -> None:
     for method in args.methods.split(","):
         print(f"[{time.strftime('%H:%M:%S')}] {method} ...", file=sys.stderr, flush=True)
         rows.append(run_method(method, store, folder, args, log))
-    print(f"spring mesh, {args.trajectories} trajectories, {args.steps} steps per network "
-          f"(baselines {2 * args.steps}), batch {args.batch_size}, dim {args.dim}, horizon {args.horizon}, {args.ensemble} members, "
-          f"device {args.device}, {os.cpu_count()} cores; work folder {folder}")
-    header = f"{'method':<13}{'CRPS':>10}{'MSE':>12}{'SSR':>8}{'net evals':>11}{'forecast s':>12}{'train s':>9}"
-    print(header)
-    for row in rows:
-        print(f"{row['method']:<13}{row['crps']:>10.4f}{row['mse']:>12.3e}{row['ssr']:>8.3f}"
-              f"{row['network_calls']:>11}{row['forecast_s']:>12.1f}{row['train_s']:>9.0f}")
-    print(f"{'persistence':<13}{rows[0]['persistence_crps']:>10.4f}")
+        row = rows[-1]
+        print(f"  {method}: CRPS {row['crps']:.4f}, MSE {row['mse']:.3e}, SSR {row['ssr']:.3f}, "
+              f"train {row['train_s']:.0f} s, forecast {row['forecast_s']:.1f} s", file=sys.stderr, flush=True)
+    (folder / f"results_{args.budget}_steps{args.steps}.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print_table(rows, args, folder)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyfcli.checkpoint import BASELINE_KINDS
 from dyfcli.errors import CheckpointError, ConfigError
+from dyfcli.model import eval_mode, members_first, nonempty, repeat_members
 from dyfcli.networks import build_network, mc_dropout
 from dyfcli.noise import MemberNoise
 
-METHODS = ("dropout", "perturbation", "ddpm")
+METHODS = BASELINE_KINDS
 PERTURBATION_SALT = 0x9E27
 DDPM_START_SALT = 0xDD90
 DDIM_ETA = 1.0  # the reference's DDIM eta when sampling_steps < diffusion_steps
@@ -152,35 +154,6 @@ def _whole_leads_only(horizon: int, output_times) -> None:
                          "(sub-step outputs need a DYffusion model)")
 
 
-def _condition(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A 0-channel static condition (a store without `cond_*` fields) means none."""
-    return None if tensor is None or tensor.shape[1] == 0 else tensor
-
-
-def _repeat_members(tensor: torch.Tensor | None, members: int) -> torch.Tensor | None:
-    """(B, ...) -> (M * B, ...), member-major: row m * B + b is member m of window b."""
-    return None if tensor is None else tensor.repeat(members, *([1] * (tensor.ndim - 1)))
-
-
-def _members_first(rows: torch.Tensor, members: int) -> torch.Tensor:
-    """(M * B, L, ...) -> (M, L, B, ...)."""
-    return rows.view(members, -1, *rows.shape[1:]).transpose(1, 2)
-
-
-class _EvalMode:
-    """Eval mode inside the block, the previous mode restored after."""
-
-    def __init__(self, net: nn.Module):
-        self.net, self.was_training = net, net.training
-
-    def __enter__(self) -> nn.Module:
-        self.net.eval()
-        return self.net
-
-    def __exit__(self, *exc: object) -> None:
-        self.net.train(self.was_training)
-
-
 # ================================================================================================ models
 
 class TimeConditionedForecaster:
@@ -201,7 +174,7 @@ class TimeConditionedForecaster:
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """MSE of net(x0, j) against x_j, j ~ U{1..h} per window."""
-        dynamics, condition = batch["dynamics"], _condition(batch.get("condition"))
+        dynamics, condition = batch["dynamics"], nonempty(batch.get("condition"))
         rows = torch.arange(dynamics.shape[0], device=dynamics.device)
         leads = torch.randint(1, self.horizon + 1, (dynamics.shape[0],), generator=generator).to(dynamics.device)
         prediction = self.network(dynamics[:, 0], leads.to(dynamics.dtype), condition)
@@ -212,11 +185,11 @@ class TimeConditionedForecaster:
                       output_times: tuple[float, ...] | None = None) -> torch.Tensor:
         """(B, C, Y, X) -> (B, h, C, Y, X), one batch row per member."""
         _whole_leads_only(self.horizon, output_times)
-        condition = _condition(static_cond)
+        condition = nonempty(static_cond)
         if self.inference == "perturbation":
             x0 = x0 + self.sigma * noise.fold(PERTURBATION_SALT).normal(tuple(x0.shape[1:])).to(x0.device, x0.dtype)
         outputs = []
-        with _EvalMode(self.network):
+        with eval_mode(self.network):
             for lead in range(1, self.horizon + 1):
                 time = torch.full((x0.shape[0],), float(lead), device=x0.device, dtype=x0.dtype)
                 if self.inference == "dropout":
@@ -252,7 +225,7 @@ class DiffusionForecaster:
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """L1 between the predicted and the true noise of x_t, t ~ U{0..T-1} per window."""
-        dynamics, condition = batch["dynamics"], _condition(batch.get("condition"))
+        dynamics, condition = batch["dynamics"], nonempty(batch.get("condition"))
         future = dynamics[:, 1:].flatten(1, 2)  # (B, h*C, Y, X)
         t = torch.randint(0, self.schedule.steps, (future.shape[0],), generator=generator).to(future.device)
         eps = torch.randn(future.shape, generator=generator).to(future.device, future.dtype)
@@ -265,9 +238,9 @@ class DiffusionForecaster:
         """(B, C, Y, X) -> (B, h, C, Y, X) by ancestral sampling (or DDIM when sampling_steps < T)."""
         _whole_leads_only(self.horizon, output_times)
         batch, channels, ny, nx = x0.shape
-        predict = self._predict_noise(x0, _condition(static_cond))
+        predict = self._predict_noise(x0, nonempty(static_cond))
         start = noise.fold(DDPM_START_SALT).normal((self.horizon * channels, ny, nx)).to(x0.device, x0.dtype)
-        with _EvalMode(self.network):
+        with eval_mode(self.network):
             if self.sampling_steps is None:
                 frames = ancestral_sample(predict, self.schedule, start, noise)
             else:
@@ -323,9 +296,9 @@ class BaselineTraining:
                             members: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ensemble (M, h, B, C, Y, X), truth (h, B, C, Y, X)); member m of window b is noise row m * B + b."""
         dynamics = batch["dynamics"]
-        rows = self.model.sample_window(_repeat_members(dynamics[:, 0], members),
-                                        _repeat_members(batch.get("condition"), members), noise)
-        return _members_first(rows, members), dynamics[:, 1:].transpose(0, 1)
+        rows = self.model.sample_window(repeat_members(dynamics[:, 0], members),
+                                        repeat_members(batch.get("condition"), members), noise)
+        return members_first(rows, members), dynamics[:, 1:].transpose(0, 1)
 
 
 def training_method(method: str, config: Any, fields: int, conditions: int) -> BaselineTraining:

@@ -197,7 +197,7 @@ class DYffusionModel:
     def _interpolator_forward(self, x0: torch.Tensor, xh: torch.Tensor, time: torch.Tensor,
                               noise: MemberNoise | None, condition: torch.Tensor | None) -> torch.Tensor:
         """The bare network call, in whatever mode the interpolator is (stage 1 training: train mode)."""
-        return self.interpolator(torch.cat([x0, xh], dim=1), time, _nonempty(condition))
+        return self.interpolator(torch.cat([x0, xh], dim=1), time, nonempty(condition))
 
     def forecast(self, x: torch.Tensor, time: torch.Tensor, step: torch.Tensor, x0: torch.Tensor,
                  noise: MemberNoise | None, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,7 +205,7 @@ class DYffusionModel:
         settings = self.settings
         forward = dyffusion.forward_condition(settings.forward_conditioning, x0, step,
                                               settings.num_diffusion_steps, noise)
-        parts = [part for part in (forward, _nonempty(condition)) if part is not None]
+        parts = [part for part in (forward, nonempty(condition)) if part is not None]
         cond = torch.cat(parts, dim=1) if parts else None
         return self._require_forecaster()(x, self._forecaster_time(time, step), cond)
 
@@ -248,7 +248,7 @@ class DYffusionModel:
         if dynamics.ndim != 5 or dynamics.shape[1] != self.settings.horizon + 1:
             raise ValueError(f"expected dynamics of shape (B, {self.settings.horizon + 1}, C, Y, X) "
                              f"(windows of length horizon + 1), got {tuple(dynamics.shape)}")
-        return dynamics, _nonempty(batch.get("condition"))
+        return dynamics, nonempty(batch.get("condition"))
 
     # ------------------------------------------------------------------------------ inference
 
@@ -277,7 +277,7 @@ class DYffusionModel:
         with eval_mode(self._require_forecaster()):
             return dyffusion.sample(
                 self.interpolate, self.forecast, x0, self._schedule(schedule), noise,
-                condition=_nonempty(condition), cold_last_step=self.settings.cold_last_step,
+                condition=nonempty(condition), cold_last_step=self.settings.cold_last_step,
                 naive=self.settings.naive, refine=self.settings.refine if refine is None else refine,
                 output_times=output_times)
 
@@ -312,6 +312,16 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         net.train(was_training)
 
 
-def _nonempty(condition: torch.Tensor | None) -> torch.Tensor | None:
+def nonempty(condition: torch.Tensor | None) -> torch.Tensor | None:
     """A static condition with zero channels (a store without `cond_*` fields) means none."""
     return None if condition is None or condition.shape[1] == 0 else condition
+
+
+def repeat_members(tensor: torch.Tensor | None, members: int) -> torch.Tensor | None:
+    """(B, ...) -> (M * B, ...), member-major: row m * B + b is member m of window b."""
+    return None if tensor is None else tensor.repeat(members, *([1] * (tensor.ndim - 1)))
+
+
+def members_first(rows: torch.Tensor, members: int) -> torch.Tensor:
+    """(M * B, L, ...) -> (M, L, B, ...)."""
+    return rows.view(members, -1, *rows.shape[1:]).transpose(1, 2)

@@ -49,13 +49,12 @@ from dyfcli import checkpoint as ckpt
 from dyfcli.config import RunConfig, apply_overrides, config_from_dict, load_config, read_preset, to_yaml
 from dyfcli.errors import ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
-                          load_weights)
+                          load_weights, members_first, repeat_members)
 from dyfcli.noise import MemberNoise
 from dyfcli.runtime import Ranks, distributed, ignore_stop_signals, stop_signals
 
 log = logging.getLogger("dyf")
 
-BASELINE_METHODS = ckpt.BASELINE_KINDS
 VALIDATION_SALT = 0x5A11D  # validation ensembles draw from their own streams, fixed across validations
 
 
@@ -80,16 +79,6 @@ class TrainingMethod(Protocol):
 
     def validation_ensemble(self, batch: dict[str, torch.Tensor], noise: MemberNoise,
                             members: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def _repeat_members(tensor: torch.Tensor | None, members: int) -> torch.Tensor | None:
-    """(B, ...) -> (M * B, ...) member-major: row m * B + b is member m of window b."""
-    return None if tensor is None else tensor.repeat(members, *([1] * (tensor.ndim - 1)))
-
-
-def _members_first(rows: torch.Tensor, members: int) -> torch.Tensor:
-    """(M * B, L, ...) -> (M, L, B, ...)."""
-    return rows.view(members, -1, *rows.shape[1:]).transpose(1, 2)
 
 
 @dataclass
@@ -117,9 +106,9 @@ class InterpolatorStage(_DYffusionStage):
 
     def validation_ensemble(self, batch, noise, members):
         dynamics = batch["dynamics"]
-        x0, xh = _repeat_members(dynamics[:, 0], members), _repeat_members(dynamics[:, -1], members)
-        rows = self.model.interpolate_window(x0, xh, _repeat_members(batch["condition"], members), noise)
-        return _members_first(rows, members), dynamics[:, 1:-1].transpose(0, 1)
+        x0, xh = repeat_members(dynamics[:, 0], members), repeat_members(dynamics[:, -1], members)
+        rows = self.model.interpolate_window(x0, xh, repeat_members(batch["condition"], members), noise)
+        return members_first(rows, members), dynamics[:, 1:-1].transpose(0, 1)
 
 
 @dataclass
@@ -138,9 +127,9 @@ class ForecasterStage(_DYffusionStage):
 
     def validation_ensemble(self, batch, noise, members):
         dynamics = batch["dynamics"]
-        rows = self.model.sample_window(_repeat_members(dynamics[:, 0], members),
-                                        _repeat_members(batch["condition"], members), noise)
-        return _members_first(rows, members), dynamics[:, 1:].transpose(0, 1)
+        rows = self.model.sample_window(repeat_members(dynamics[:, 0], members),
+                                        repeat_members(batch["condition"], members), noise)
+        return members_first(rows, members), dynamics[:, 1:].transpose(0, 1)
 
 
 def build_method(method: str, config: RunConfig, fields: int, conditions: int,
@@ -195,8 +184,8 @@ def train_forecaster(data: Path | str, out: Path | str, *, interpolator: Path | 
     Without `preset` the configuration is the interpolator's (plus `overrides`); the `interpolator`
     section always stays the one the interpolator was trained with.
     """
-    if method not in ("dyffusion", *BASELINE_METHODS):
-        raise UsageError(f"--method {method!r} is not one of dyffusion, {', '.join(BASELINE_METHODS)}")
+    if method not in ("dyffusion", *ckpt.BASELINE_KINDS):
+        raise UsageError(f"--method {method!r} is not one of dyffusion, {', '.join(ckpt.BASELINE_KINDS)}")
     stage1 = None
     if method == "dyffusion":
         if interpolator is None:

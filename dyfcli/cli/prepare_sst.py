@@ -15,7 +15,7 @@ def _render(summary: dict) -> str:
         f"{summary['time'][0]}..{summary['time'][1]} ({summary['layout']} files, values in {summary['values']})",
         "  split days: " + ", ".join(f"{name} {days}" for name, days in summary["split_days"].items()),
         f"  blocks written {summary['blocks_written']}, skipped from an earlier run {summary['blocks_resumed']}; "
-        f"{summary['seconds']} s" + (f" with {summary['workers']} reading process(es)" if summary.get("workers") else ""),
+        f"{summary['seconds']} s" + (f", {summary['workers']} reading process(es)" if summary.get("workers") else ""),
     ]
     if summary["missing_days"]:
         lines.append("  missing days stored as NaN: " + ", ".join(summary["missing_days"]))

@@ -835,7 +835,7 @@ def _process_context():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["netCDF4", __name__])
+    context.set_forkserver_preload(["netCDF4", __name__] + (["h5py", "deflate"] if chunk_reading_available() else []))
     return context
 
 
@@ -847,9 +847,16 @@ def ordered_results(pool, function, calls: Iterable[tuple], in_flight: int) -> I
         for args in calls:
             yield function(*args)
         return
+    from concurrent.futures.process import BrokenProcessPool
+
     queue = deque(pool.submit(function, *args) for args in itertools.islice(calls, in_flight))
     while queue:
-        result = queue.popleft().result()
+        try:
+            result = queue.popleft().result()
+        except BrokenProcessPool:
+            raise UsageError("a reading process died (out of memory, or a Python script that runs prepare_sst "
+                             "without an `if __name__ == '__main__':` guard); rerun the same command with fewer "
+                             "--workers (finished blocks are kept)") from None
         for args in itertools.islice(calls, 1):
             queue.append(pool.submit(function, *args))
         yield result
@@ -1114,6 +1121,8 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
     """`dyf prepare sst`: raw OISST files -> a data store of 60x60 boxes. Returns a summary dict.
 
     `workers`: reading processes on this machine (default: the available cores); ignored with a scheduler.
+    They are started with `forkserver`, so a Python script calling this with workers > 1 needs the usual
+    `if __name__ == "__main__":` guard.
     """
     started = time.monotonic()
     out = Path(out)
