@@ -572,7 +572,7 @@ def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwr
         return
     if not resume:
         raise UsageError(f"{out} already exists; pass --resume to continue that forecast or --overwrite to replace it")
-    expected = forecast_store._jsonable(layout.identity)  # compared as stored: tuples become lists, etc.
+    expected = forecast_store.jsonable(layout.identity)  # compared as stored: tuples become lists, etc.
     differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
     if differing:
         raise UsageError(f"--resume: {out} was made with other {', '.join(differing)}; repeat the original "

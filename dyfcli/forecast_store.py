@@ -85,12 +85,12 @@ def _dataset(layout: ForecastLayout):
                     dict(layout.field_attrs.get(name, {})))
     ds["mask"] = (("series", "y", "x"), np.asarray(mask.values, dtype=bool))
     ds["done"] = (("series", "init"), dsa.zeros((n_series, n_init), dtype=bool, chunks=(1, 1)))
-    ds.attrs.update(_jsonable(layout.attrs))
+    ds.attrs.update(jsonable(layout.attrs))
     ds.attrs.update({
         "dyf_format": FORMAT,
         "dyf_format_version": FORMAT_VERSION,
         "dyf_fields": list(layout.fields),
-        "dyf_identity": _jsonable(layout.identity),
+        "dyf_identity": jsonable(layout.identity),
         "dyf_complete": False,
         "dyf_version": __version__,
         "dyf_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -155,7 +155,7 @@ def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
     if not done.all():
         raise DataError(f"{path}: {int((~done).sum())} of {done.size} blocks are not written; "
                         "re-run the same `dyf forecast` command with --resume")
-    group.attrs.update({**_jsonable(extra_attrs or {}), "dyf_complete": True,
+    group.attrs.update({**jsonable(extra_attrs or {}), "dyf_complete": True,
                         "dyf_completed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
@@ -246,6 +246,6 @@ def describe(path: Path | str) -> dict:
     }
 
 
-def _jsonable(value):
+def jsonable(value):
     """Zarr attributes must be JSON: turn numpy scalars, paths and tuples into plain values."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

@@ -144,7 +144,7 @@ def _run_cli(capsys, *args) -> dict:
 
 
 @pytest.mark.parametrize("method", ["perturbation", "ddpm"])
-def test_baseline_train_and_forecast_commands(capsys, tmp_path, method, one_thread):
+def test_baseline_train_and_forecast_commands(capsys, tmp_path, method):
     store = make_store(tmp_path / "s.zarr", land=True, steps=16, cond=("obstacle",))
     model, forecast = tmp_path / f"{method}.pt", tmp_path / "f.zarr"
     summary = _run_cli(capsys, "train-forecaster", "--data", str(store), "--method", method, "--preset", "tiny",
@@ -155,9 +155,3 @@ def test_baseline_train_and_forecast_commands(capsys, tmp_path, method, one_thre
     _check_forecast(store, forecast, document, method)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -16,15 +16,6 @@ from dyfcli.noise import MemberNoise
 FIELDS, CONDITIONS, GRID = 2, 1, (6, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks: thread start-up costs more than the maths on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(forward_conditioning="data", conditions=CONDITIONS, with_forecaster=True, **settings):
     torch.manual_seed(0)
     interpolator = build_network("cnn", **interpolator_channels(FIELDS, conditions), dim=8,

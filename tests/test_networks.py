@@ -11,16 +11,6 @@ from dyfcli.networks import (KINDS, MemberDropout, SinusoidalEmbedding, build_ne
 from dyfcli.noise import MemberNoise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions gain nothing from intra-op threads, and on a shared, loaded CPU the threads'
-    # synchronisation made these tests ~40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Tiny versions for behaviour tests (full-size nets are only built to count parameters).
 TINY = {
     "unet": dict(dim=8, dim_mults=(1, 2, 4), attn_heads=2, attn_dim_head=8),

@@ -14,15 +14,6 @@ from dyfcli.sources import spring_mesh as sm
 from dyfcli.store import open_store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The simulators run many small ops; on a busy 2-core machine one thread is far faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ Navier–Stokes
 
 def test_obstacles_follow_nn_benchmark_rules():

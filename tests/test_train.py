@@ -32,14 +32,6 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("train") / "s.zarr", land=True, cond=("obstacle",))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _records(out: Path) -> list[dict]:
     path = Path(str(out) + ".run") / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -97,7 +89,7 @@ def test_tiny_pipeline_through_the_dyf_command(dyf, store, tmp_path):
     assert _exit_code("train-interpolator", "--data", str(store), "--out", str(interpolator)) == 2
 
 
-def test_existing_output_needs_overwrite(store, tmp_path, one_thread):
+def test_existing_output_needs_overwrite(store, tmp_path):
     out = tmp_path / "i.pt"
     settings = ["interpolator.max_steps=2", "training.validate_every=2"]
     _train(store, out, settings)
@@ -107,7 +99,7 @@ def test_existing_output_needs_overwrite(store, tmp_path, one_thread):
     assert summary["steps"] == 2 and summary["resumed_from_step"] is None
 
 
-def test_sigterm_saves_state_exits_75_and_the_same_command_resumes(store, tmp_path, one_thread):
+def test_sigterm_saves_state_exits_75_and_the_same_command_resumes(store, tmp_path):
     out = tmp_path / "interpolator.pt"
     settings = ["training.log_every=1", "training.validate_every=1000"]
     exe = Path(sys.executable).with_name("dyf")
@@ -136,7 +128,7 @@ def test_sigterm_saves_state_exits_75_and_the_same_command_resumes(store, tmp_pa
     assert events == ["started", "interrupted", "resumed", "finished"]
 
 
-def test_resumed_run_ends_exactly_where_the_uninterrupted_run_does(store, tmp_path, one_thread):
+def test_resumed_run_ends_exactly_where_the_uninterrupted_run_does(store, tmp_path):
     common = ["training.log_every=1", "training.validate_every=1000", "training.val_max_batches=1"]
     interrupted = tmp_path / "interrupted.pt"
     timer = threading.Thread(target=lambda: (_wait_for_step(interrupted), os.kill(os.getpid(), signal.SIGTERM)))
@@ -154,7 +146,7 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_run_does(store, tmp_pa
     assert all(torch.equal(a[name], b[name]) for name in b)
 
 
-def test_a_crash_resumes_from_the_last_validation(store, tmp_path, one_thread, monkeypatch):
+def test_a_crash_resumes_from_the_last_validation(store, tmp_path, monkeypatch):
     import dyfcli.train
 
     out = tmp_path / "crashed.pt"
