@@ -20,9 +20,12 @@ not grow with the number of years. Almost all the time goes into inflating the r
 of the whole globe per day), and HDF5 cannot read in threads, so on one machine blocks are read by
 `workers` processes (default: the available cores), each opening a file once per block, reading only the
 rows and columns of the chosen boxes and returning just the cut boxes; this process writes them in time
-order with at most TASKS_PER_WORKER blocks per process in flight. With a `distributed` cluster (that sees
-the same file system) each block is one Dask task that reads and writes. Progress markers inside the
-staging directory let an interrupted run, re-run with the same command, skip the blocks it already wrote.
+order with at most TASKS_PER_WORKER blocks per process in flight; the per-box statistics then run in the
+same processes. When h5py and deflate are installed, whole-day deflate chunks are inflated by libdeflate
+(`ChunkSlicer`, about 2.5x faster than HDF5's zlib) with the same raw values. With a `distributed` cluster
+(that sees the same file system) each block is one Dask task that reads and writes. Progress markers inside
+the staging directory let an interrupted run, re-run with the same command, skip the blocks it already
+wrote. The output does not depend on the number of workers or on the reading path.
 
 Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split only, ddof 0 as in xarray:
 * a day of year with no training data at an ocean pixel (e.g. 366 when few leap years are in training)
