@@ -229,7 +229,6 @@ def test_two_reading_processes_write_the_same_store_as_one(short_psl, tmp_path):
         oisst.prepare_sst(folder, tmp_path / "zero.zarr", workers=0, **flags)
 
 
-@pytest.mark.skipif(not oisst.chunk_reading_available(), reason="needs h5py and deflate")
 def test_chunks_inflated_directly_equal_netcdf_reads(tmp_path):
     dates = days("2003-12-30", "2004-01-02")
     write_psl(tmp_path / "shuffled", dates, zlib=True)
