@@ -100,7 +100,9 @@ Boundary = NavierStokesBoundary | SpringMeshBoundary
 
 
 def _times_like(times, x: torch.Tensor) -> torch.Tensor:
-    times = torch.as_tensor(times, dtype=x.dtype, device=x.device)
+    # torch.tensor copies: times often arrive as read-only arrays from xarray
+    times = (times.to(x.device, x.dtype) if isinstance(times, torch.Tensor)
+             else torch.tensor(times, dtype=x.dtype, device=x.device))
     if times.shape[-1] != x.shape[1]:
         raise ValueError(f"times has {times.shape[-1]} lead times but x has {x.shape[1]}")
     return times if times.ndim == 2 else times[None]
@@ -151,7 +153,7 @@ def _navier_stokes_boundary(store, spec: dict, indices: list[int]) -> NavierStok
     return NavierStokesBoundary(
         fixed=_static(store, "cond_fixed", indices),
         obstacle=_static(store, "cond_obstacle", indices),
-        y=torch.as_tensor(store.ds["y"].values, dtype=torch.float64),
+        y=torch.tensor(store.ds["y"].values, dtype=torch.float64),
         in_velocity=torch.tensor(speeds, dtype=torch.float64),
         height=float(spec.get("height", 0.41)),
         ramp_rate=float(spec.get("ramp_rate", 5.0)),

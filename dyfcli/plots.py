@@ -133,8 +133,7 @@ def _map_frame(values: np.ndarray, mask: np.ndarray, geo: dict) -> tuple[np.ma.M
 
 def _show(axis, plt, values, mask, geo, title, cmap, vmin, vmax, unit):
     frame, extent = _map_frame(values, mask, geo)
-    colormap = plt.get_cmap(cmap).copy()
-    colormap.set_bad("lightgrey")
+    colormap = plt.get_cmap(cmap).with_extremes(bad="lightgrey")
     image = axis.imshow(frame, origin="lower", cmap=colormap, vmin=vmin, vmax=vmax, extent=extent,
                         aspect="auto", interpolation="nearest")
     axis.set_title(title, fontsize=10)
