@@ -39,6 +39,18 @@ Default protocol (the paper's spring-mesh setup, scaled down; preset presets/spr
             (4 windows of 32 chained autoregressively; the paper: 804 = 6 windows of 134), seed 0.
             The table's last lines give the CRPS per window of 32 lead times: the ranking depends on it.
 
+Measured (2026-11-26, 2 shared CPU cores; CRPS mean over fields and lead times; persistence 0.1199 / 0.1464):
+  run                                   DYffusion  Dropout  Perturbation (sigma)  ranking
+  --steps 200 (sigma grid 0.003-0.1)      0.1163    0.1618    0.1075 (0.1)        P < DY < D
+  default: --steps 1000      (h 128)      0.0908    0.1003    0.0700 (0.03)       P < DY < D
+  --steps 1000 --budget per-network       0.0908    0.1083    0.0894 (0.1)        P ~ DY < D
+  --steps 1000 --horizon 256              0.1014    0.2017    0.1185 (0.03)       DY < P < D
+  --steps 3000 --horizon 256              0.0665    0.2933    0.0919 (0.03)       DY < P < D
+  (first 4 windows of that run: 0.0508, 0.0719, 0.0525; first 6: 0.0596, 0.1381, 0.0733.)
+  DYffusion's CRPS grows slowly window after window (1000 steps: 0.105-0.122 per window from the 3rd to the
+  8th) while the baselines' grows fast (Dropout's explodes); DYffusion is the worst in the first window.
+  So the ranking against Perturbation depends on the training budget and the number of windows averaged
+  (the paper averages 6). DYffusion beats Dropout in every run (by 10-77 %; the paper: 25 %).
 The `train s` column is wall time on a possibly shared machine: compare steps, not seconds, across methods.
 Small runs are far from converged; they show relative behaviour at this budget, not the paper's numbers.
 The work folder keeps the store and the models (their names carry the settings that shape them), so re-running

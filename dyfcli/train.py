@@ -324,7 +324,7 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
             if progress.epoch >= stage.epochs:
                 break
         if progress.last_validated_step != progress.step:
-            _validate(run, method, val_set, progress, ema)
+            validate_and_save_state()  # a signal during this last validation still saves and exits 75
     return _finish(run, network, ema, progress, resumed_from, started)
 
 
