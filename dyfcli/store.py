@@ -94,6 +94,10 @@ def encoding_for(ds, time_chunk: int = 1) -> dict:
             else:
                 chunks.append(size)
         encoding[name] = {"chunks": tuple(chunks)} if chunks else {}
+        if tuple(var.dims) == FIELD_DIMS:
+            # Fields are float noise that compresses little (~1.1x) while decoding halves how many
+            # training windows a loader worker serves per second (benchmarks/windows.py): store them raw.
+            encoding[name]["compressors"] = None
     return encoding
 
 

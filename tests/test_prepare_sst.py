@@ -69,7 +69,8 @@ def test_box_ids_coordinates_values_and_mask(psl_archive, psl_store):
     assert np.isnan(sst[~np.broadcast_to(ds["mask"].values[:, None], sst.shape)]).all()
     assert ds["sst"].attrs["units"] == "degC" and ds["sst"].attrs["standard_name"] == "sea_surface_temperature"
     assert ds.attrs["dyf_time_step"] == "1D" and ds.attrs["dyf_normalization"] == "pixel-dayofyear"
-    assert ds["sst"].encoding["chunks"] == (1, oisst.TIME_BLOCK, 60, 60)
+    assert ds["sst"].encoding["chunks"] == (1, oisst.STORE_TIME_CHUNK, 60, 60)
+    assert oisst.TIME_BLOCK % oisst.STORE_TIME_CHUNK == 0  # writers of different blocks share no chunk
 
 
 def test_day_of_year_statistics_equal_numpy_over_training_years(psl_archive, psl_store):

@@ -41,6 +41,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -75,7 +76,8 @@ MIN_OCEAN_FRACTION = 0.95   # `--boxes all` keeps boxes with at least this much 
 STD_FLOOR = 0.01            # °C; OISST is stored to 0.01 °C
 MISSING_ABOVE = 1e30        # |x| above this is missing even when a tool dropped `missing_value`
 DAYS_OF_YEAR = 366
-TIME_BLOCK = 32             # days per write block and per chunk
+TIME_BLOCK = 32             # days per write block
+STORE_TIME_CHUNK = 8        # days per Zarr chunk: a training window of 8 days touches one or two small chunks
 DEFAULT_BOXES = "84-89,108-112"
 FAST_CHUNKS = True          # read whole-day deflate chunks with h5py + libdeflate when installed
 TASKS_PER_WORKER = 2        # blocks queued per reading process: bounds memory to a few blocks
@@ -1049,7 +1051,7 @@ def template_dataset(plan: Plan, attrs: dict):
     }
     ds = xr.Dataset(coords=coords)
     field = da.full((n_series, n_times, BOX_SIZE, BOX_SIZE), np.nan, dtype=np.float32,
-                    chunks=(1, plan.time_block, BOX_SIZE, BOX_SIZE))
+                    chunks=(1, store_time_chunk(plan), BOX_SIZE, BOX_SIZE))
     ds["sst"] = (data_store.FIELD_DIMS, field, _field_attrs(plan.standardized))
     ds["mask"] = (data_store.STATIC_DIMS, plan.mask, {"long_name": "ocean (True) / land (False)"})
     if plan.standardized:
@@ -1080,10 +1082,15 @@ def _stats_attrs(stat: str) -> dict:
             "land holds mean 0, std 1"}
 
 
+def store_time_chunk(plan: Plan) -> int:
+    """Chunks divide the write blocks, so writers of different blocks never share a chunk."""
+    return math.gcd(plan.time_block, STORE_TIME_CHUNK)
+
+
 def create_store(staging: Path, plan: Plan, attrs: dict) -> None:
     ds = template_dataset(plan, attrs)
     data_store.validate_dataset(ds)
-    encoding = data_store.encoding_for(ds, plan.time_block)
+    encoding = data_store.encoding_for(ds, store_time_chunk(plan))
     for name in ("stats_mean_sst", "stats_std_sst"):
         if ds[name].dims:
             encoding[name] = {"chunks": (DAYS_OF_YEAR, 1, BOX_SIZE, BOX_SIZE)}
