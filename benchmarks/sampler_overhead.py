@@ -38,17 +38,13 @@ def build_checkpoint(store, path: Path, dim: int) -> Path:
     from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
     from dyfcli.config import load_config
     from dyfcli.data import Normalizer
-    from dyfcli.model import forecaster_channels, interpolator_channels
-    from dyfcli.networks import build_network
+    from dyfcli.model import build_forecaster, build_interpolator
 
     torch.manual_seed(0)
     config = load_config("tiny", [f"interpolator.network.hyper.dim={dim}", f"forecaster.network.hyper.dim={dim}"])
     fields, conditions = len(store.fields), len(store.cond_names)
-    interpolator = build_network(config.interpolator.network.kind, **interpolator_channels(fields, conditions),
-                                 **config.interpolator.network.build_arguments())
-    forecaster = build_network(config.forecaster.network.kind,
-                               **forecaster_channels(fields, conditions, config.forecaster.forward_conditioning),
-                               **config.forecaster.network.build_arguments())
+    interpolator = build_interpolator(config, fields, conditions)
+    forecaster = build_forecaster(config, fields, conditions)
     common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
                   cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
                   store=store_identity(store))
