@@ -349,7 +349,7 @@ def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadP
     for first in range(0, members, member_batch):
         ids = member_ids(inputs.series_index, inputs.time_index, range(first, min(first + member_batch, members)))
         noise = MemberNoise.for_members(seed, ids.to(device))
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all: outputs only go to disk
             parts.append(rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window).float().cpu())
     return torch.cat(parts, dim=0).numpy()
 
