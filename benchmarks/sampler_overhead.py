@@ -33,25 +33,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def build_checkpoint(store, path: Path, dim: int) -> Path:
-    import torch
+    from storefactory import make_untrained_checkpoint
 
-    from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
-    from dyfcli.config import load_config
-    from dyfcli.data import Normalizer
-    from dyfcli.model import build_forecaster, build_interpolator
-
-    torch.manual_seed(0)
-    config = load_config("tiny", [f"interpolator.network.hyper.dim={dim}", f"forecaster.network.hyper.dim={dim}"])
-    fields, conditions = len(store.fields), len(store.cond_names)
-    interpolator = build_interpolator(config, fields, conditions)
-    forecaster = build_forecaster(config, fields, conditions)
-    common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
-                  cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
-                  store=store_identity(store))
-    inner = Checkpoint(kind="interpolator", state_dict=interpolator.state_dict(), **common)
-    save_checkpoint(path, Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner,
-                                     **common))
-    return path
+    return make_untrained_checkpoint(store, path, overrides=(f"interpolator.network.hyper.dim={dim}",
+                                                             f"forecaster.network.hyper.dim={dim}"))
 
 
 def _timed(call, total: dict):

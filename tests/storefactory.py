@@ -81,3 +81,29 @@ def make_store(
     ds.attrs.update({"dyf_fields": list(fields), "dyf_splits": splits, "dyf_normalization": normalization,
                      "dyf_time_step": time_step})
     return write_store(ds, Path(path))
+
+
+def make_untrained_checkpoint(store, path: Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
+    """An untrained tiny-preset DYffusion `model.pt` for `store`, saved the way train-forecaster saves one.
+
+    `overrides` are `--set` strings applied to the tiny preset (e.g. a network width for benchmarks).
+    """
+    import torch
+
+    from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
+    from dyfcli.config import load_config
+    from dyfcli.data import Normalizer
+    from dyfcli.model import build_forecaster, build_interpolator
+
+    torch.manual_seed(seed)
+    config = load_config("tiny", list(overrides))
+    fields, conditions = len(store.fields), len(store.cond_names)
+    interpolator = build_interpolator(config, fields, conditions)
+    forecaster = build_forecaster(config, fields, conditions)
+    common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
+                  cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
+                  store=store_identity(store))
+    inner = Checkpoint(kind="interpolator", state_dict=interpolator.state_dict(), **common)
+    save_checkpoint(path, Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner,
+                                     **common))
+    return path

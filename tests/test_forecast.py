@@ -16,7 +16,7 @@ from dyfcli.errors import DataError, DyfError, UsageError
 from dyfcli.forecast_store import open_forecast
 from dyfcli.runtime import Ranks
 from dyfcli.store import open_store
-from storefactory import make_store
+from storefactory import make_store, make_untrained_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- stand-ins
@@ -376,21 +376,7 @@ def test_command_exit_code_and_json_error(dyf, stores, tmp_path):
 
 def _real_checkpoint(store, path: Path, seed: int = 0) -> Path:
     """An (untrained) tiny-preset DYffusion checkpoint, saved the way train-forecaster saves one."""
-    from dyfcli.config import load_config
-    from dyfcli.model import build_forecaster, build_interpolator
-
-    torch.manual_seed(seed)
-    config = load_config("tiny")
-    fields, conditions = len(store.fields), len(store.cond_names)
-    interpolator = build_interpolator(config, fields, conditions)
-    forecaster = build_forecaster(config, fields, conditions)
-    common = dict(method="dyffusion", config=config.to_dict(), fields=store.fields, grid=store.grid,
-                  cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
-                  store=store_identity(store))
-    inner = Checkpoint(kind="interpolator", state_dict=interpolator.state_dict(), **common)
-    save_checkpoint(path, Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner,
-                                     **common))
-    return path
+    return make_untrained_checkpoint(store, path, seed)
 
 
 def test_real_model_end_to_end(dyf, stores, tmp_path):
