@@ -9,6 +9,9 @@ Shapes: `B` batch rows (members of one block), `L` lead times, `C` fields, `Y, X
 the model are normalised with invalid points set to 0; everything written is in physical units with NaN on
 invalid points.
 
+Blocks are written by a `forecast_store.BackgroundWriter` thread while the next block is computed, so
+disk writes overlap the network calls; leaving the loop (normally, by error or by signal) waits for them.
+
 Under torchrun or srun (`runtime.distributed`, gloo: barriers and flags only) rank 0 creates or checks the
 store, the pending blocks are dealt round-robin and rank 0 marks the store complete. SIGTERM/SIGUSR1
 (`runtime.stop_signals`) stop after the current block with exit 75; `--resume` continues.
@@ -34,7 +37,7 @@ import numpy as np
 
 from dyfcli import forecast_store
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
-from dyfcli.runtime import Ranks, distributed, launch_rank, resolve_device, stop_signals
+from dyfcli.runtime import Ranks, configure_device, distributed, launch_rank, resolve_device, stop_signals
 
 if TYPE_CHECKING:
     import torch
@@ -600,8 +603,10 @@ def run_forecast(request: ForecastRequest) -> dict:
     with distributed(backend="gloo") as ranks:  # barriers and flags only: gloo, whatever the device
         done = prepare_output(job.out, job.layout, overwrite=request.overwrite, resume=request.resume, ranks=ranks)
         mine = blocks_for_rank(_pending_blocks(job.out, done), ranks)
-        with stop_signals("stopping after the current block") as stop_requested:
-            counter = run_blocks(job.collaborators, forecast_store.BlockWriter(job.out), mine, job.init, job.plan,
+        # Blocks are written on a background thread while the next ones are computed.
+        with stop_signals("stopping after the current block") as stop_requested, \
+                forecast_store.BackgroundWriter(forecast_store.BlockWriter(job.out)) as writer:
+            counter = run_blocks(job.collaborators, writer, mine, job.init, job.plan,
                                  job.window_valid_time, seed=request.seed, members=request.ensemble,
                                  member_batch=request.member_batch or request.ensemble,
                                  stop_requested=stop_requested)
@@ -642,6 +647,7 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     check_compatible(checkpoint, store)
     init = select_initial_conditions(store, request.split, request.init, request.horizon)
     device = resolve_device(request.device)
+    configure_device(device)
     method = load_method(checkpoint, device, request.steps)
     plan = plan_leads(request.horizon, method.model.horizon, request.output_times)
     if plan.window_times is not None:

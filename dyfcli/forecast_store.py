@@ -15,7 +15,9 @@ become true, so readers (`open_forecast`) refuse a store that an interrupted job
 from __future__ import annotations
 
 import json
+import queue
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,6 +133,60 @@ class BlockWriter:
             self._group[name][series_position, init_position] = block[:, :, channel].astype(np.float32)
         # Marked after the data so a crash between the two re-computes the block instead of losing it.
         self._group["done"][series_position, init_position] = True
+
+
+class BackgroundWriter:
+    """Writes blocks on one worker thread while the caller computes the next ones.
+
+    `write(*args)` hands `args` to `writer.write` on the worker and returns at once unless `depth` blocks
+    are already waiting (memory stays bounded to `depth` + 1 blocks). Blocks are written in order, each
+    marked done by `writer` after its data. Leaving the `with` block (also by an exception or a stop
+    signal) waits until every handed block is written; the first write error is raised by the next
+    `write` or on leaving (unless another exception is already on its way out), and no block after it
+    is written.
+    """
+
+    def __init__(self, writer, depth: int = 1):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="dyf-block-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, *args) -> None:
+        self._raise_error()
+        self._queue.put(args)
+
+    def close(self) -> None:
+        """Wait for every handed block; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_error()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the exception already leaving the block is the one to report
+            pass
+
+    def _work(self) -> None:
+        while (args := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(*args)
+                except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = err
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def read_identity(path: Path) -> dict | None:

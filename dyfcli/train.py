@@ -552,14 +552,12 @@ class Ema:
 # ================================================================================================ outputs
 
 def _device(spec: str, ranks: Ranks) -> torch.device:
-    from dyfcli.runtime import resolve_device
+    from dyfcli.runtime import configure_device, resolve_device
 
     device = resolve_device(spec)
-    if device.type == "cuda":
-        if ranks.world > 1 and device.index is None:
-            device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the reference trains
+    if device.type == "cuda" and ranks.world > 1 and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)
+    configure_device(device)
     return device
 
 

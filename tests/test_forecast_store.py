@@ -87,3 +87,45 @@ def test_inspect_describes_forecast(dyf, dated_store, tmp_path):
     assert doc["kind"] == "forecast" and doc["complete"] is False
     assert doc["blocks"] == {"done": 0, "total": 1}
     assert doc["sizes"]["member"] == 2 and doc["seed"] == 7
+
+
+class _RecordingWriter:
+    """A BlockWriter stand-in: records blocks in order, fails on the block numbered `fail_at`."""
+
+    def __init__(self, fail_at=None, delay=0.0):
+        self.written, self.fail_at, self.delay = [], fail_at, delay
+
+    def write(self, series_position, init_position, block):
+        import time
+
+        time.sleep(self.delay)
+        if init_position == self.fail_at:
+            raise OSError(f"disk full at block {init_position}")
+        self.written.append((series_position, init_position, float(block.sum())))
+
+
+def test_background_writer_writes_every_block_in_order_before_leaving():
+    recorder = _RecordingWriter(delay=0.01)
+    with forecast_store.BackgroundWriter(recorder) as writer:
+        for i in range(6):
+            writer.write(0, i, np.full(3, float(i)))
+    assert recorder.written == [(0, i, 3.0 * i) for i in range(6)]
+
+
+def test_background_writer_raises_the_first_error_and_writes_nothing_after_it():
+    recorder = _RecordingWriter(fail_at=2)
+    with pytest.raises(OSError, match="disk full at block 2"):
+        with forecast_store.BackgroundWriter(recorder) as writer:
+            for i in range(5):
+                writer.write(0, i, np.zeros(1))
+    assert [w[1] for w in recorder.written] == [0, 1]
+
+
+def test_background_writer_flushes_when_the_loop_stops_with_an_exception():
+    recorder = _RecordingWriter(delay=0.02)
+    with pytest.raises(KeyError):
+        with forecast_store.BackgroundWriter(recorder) as writer:
+            for i in range(3):
+                writer.write(1, i, np.zeros(1))
+            raise KeyError("stopped")
+    assert [w[1] for w in recorder.written] == [0, 1, 2]  # blocks handed over before the stop are on disk
