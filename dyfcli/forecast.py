@@ -23,6 +23,7 @@ forecast does not depend on `--member-batch`, on which other blocks run, or on t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -72,6 +73,8 @@ class ForecastRequest:
     output_times: tuple[float, ...] | None = None
     overwrite: bool = False
     resume: bool = False
+    bf16: bool = False
+    compile: bool = False
 
 
 def check_request(request: ForecastRequest) -> None:
@@ -303,11 +306,12 @@ class Counter:
 
 
 def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise: MemberNoise,
-            counter: Counter, calls_per_window: int) -> torch.Tensor:
+            counter: Counter, calls_per_window: int, bf16: bool = False) -> torch.Tensor:
     """Run `plan.windows` autoregressive windows for one batch of members; returns `(B, L, C, Y, X)` physical.
 
     Every member continues from its own x̂_h; boundary conditions are applied in physical units to
-    every window's output before it is fed back and before it is written.
+    every window's output before it is fed back and before it is written. With `bf16` the sampler runs
+    under bfloat16 autocast; everything after it (units, boundaries, the next window's x0) is float32.
     """
     import torch
 
@@ -317,7 +321,8 @@ def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, no
     per_window = len(plan.times_per_window)
     written = []
     for window in range(plan.windows):
-        out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options)
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options).float()
         counter.batched_calls += calls_per_window
         positions = np.arange(window * per_window, (window + 1) * per_window)
         physical = _window_to_physical(out, inputs, positions)
@@ -342,7 +347,8 @@ def _window_to_physical(out: torch.Tensor, inputs: BlockInputs, positions: np.nd
 
 
 def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, *, seed: int,
-                   members: int, member_batch: int, device, counter: Counter, calls_per_window: int) -> np.ndarray:
+                   members: int, member_batch: int, device, counter: Counter, calls_per_window: int,
+                   bf16: bool = False) -> np.ndarray:
     """All members of one block, `member_batch` at a time: `(M, L, C, Y, X)` float32 physical units."""
     import torch
 
@@ -353,7 +359,7 @@ def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadP
         ids = member_ids(inputs.series_index, inputs.time_index, range(first, min(first + member_batch, members)))
         noise = MemberNoise.for_members(seed, ids.to(device))
         with torch.inference_mode():  # no autograd bookkeeping at all: outputs only go to disk
-            parts.append(rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window).float().cpu())
+            parts.append(rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window, bf16).cpu())
     return torch.cat(parts, dim=0).numpy()
 
 
@@ -374,12 +380,13 @@ class Collaborators:
 
 @dataclass(frozen=True)
 class Method:
-    """A loaded model and how `dyf forecast` calls it."""
+    """A loaded model and how `dyf forecast` calls it (`bf16`: under bfloat16 autocast)."""
 
     kind: str
     model: object
     sample_options: dict = field(default_factory=dict)
     schedule: str | None = None
+    bf16: bool = False
 
 
 def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int]], init: InitialConditions,
@@ -399,7 +406,7 @@ def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int
             inputs = collaborators.block_inputs(series_index, time_index, window_valid_time[init_position])
             block = forecast_block(method.model, method.sample_options, inputs, plan, seed=seed, members=members,
                                    member_batch=member_batch, device=collaborators.device, counter=counter,
-                                   calls_per_window=calls_per_window)
+                                   calls_per_window=calls_per_window, bf16=method.bf16)
             writer.write(series_position, init_position, block)
             elapsed = max(time.monotonic() - start, 1e-9)
             bar.advance(1, network_evals_per_s=counter.batched_calls / elapsed)
@@ -460,6 +467,22 @@ def load_method(checkpoint, device, steps: str | None) -> Method:
     from dyfcli.baselines import build_model_from_checkpoint
 
     return Method(checkpoint.kind, build_model_from_checkpoint(checkpoint, device), {}, schedule=None)
+
+
+def speed_up(method: Method, device, *, bf16: bool, compile: bool) -> Method:
+    """`--bf16` / `--compile` on CUDA: compile the model's networks in place, run the sampler under bf16
+    autocast. Elsewhere both are ignored (logged): the forecast runs in float32, uncompiled."""
+    import torch
+
+    if not (bf16 or compile):
+        return method
+    if device.type != "cuda":
+        log.info("--bf16 and --compile apply on CUDA only; forecasting in float32 on %s", device)
+        return method
+    if compile:
+        for network in (value for value in vars(method.model).values() if isinstance(value, torch.nn.Module)):
+            network.compile()
+    return dataclasses.replace(method, bf16=bf16)
 
 
 class StoreInputs:
@@ -648,11 +671,12 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     init = select_initial_conditions(store, request.split, request.init, request.horizon)
     device = resolve_device(request.device)
     configure_device(device)
-    method = load_method(checkpoint, device, request.steps)
+    method = speed_up(load_method(checkpoint, device, request.steps), device, bf16=request.bf16,
+                      compile=request.compile)
     plan = plan_leads(request.horizon, method.model.horizon, request.output_times)
     if plan.window_times is not None:
-        method = Method(method.kind, method.model, {**method.sample_options, "output_times": plan.window_times},
-                        method.schedule)
+        method = dataclasses.replace(method, sample_options={**method.sample_options,
+                                                             "output_times": plan.window_times})
     calls = _network_calls(method, plan)
     sha = file_sha256(Path(request.checkpoint))
     identity = _identity(request, store, init, method, plan, sha)
@@ -668,11 +692,16 @@ def _identity(request: ForecastRequest, store, init: InitialConditions, method: 
               sha: str) -> dict:
     """The options `--resume` must repeat: a store made with other ones is a different forecast."""
     return {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
-            "ensemble": request.ensemble, "schedule": method.schedule,
+            "ensemble": request.ensemble, "schedule": method.schedule, "precision": _precision(method),
             "output_times": list(plan.window_times or []), "split": request.split,
             "truth": str(Path(store.path).resolve()),
             "series": [str(s) for s in store.ds["series"].values[list(init.series_indices)]],
             "init_time": [str(t) for t in init.init_time]}
+
+
+def _precision(method: Method) -> str:
+    """What the sampler's network calls ran in: bfloat16 (autocast, CUDA) or float32."""
+    return "bfloat16" if method.bf16 else "float32"
 
 
 def _data_path(request: ForecastRequest, checkpoint) -> Path:
@@ -710,6 +739,7 @@ def _store_attrs(request: ForecastRequest, checkpoint, store, method: Method, ca
         "dyf_horizon": request.horizon,
         "dyf_model_horizon": plan.model_horizon,
         "dyf_schedule": method.schedule,
+        "dyf_precision": _precision(method),
         "dyf_output_times": list(plan.window_times or []),
         "dyf_network_calls": calls,
         "dyf_time_step": store.ds.attrs.get("dyf_time_step"),

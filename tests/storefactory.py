@@ -83,10 +83,11 @@ def make_store(
     return write_store(ds, Path(path))
 
 
-def make_untrained_checkpoint(store, path: Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
-    """An untrained tiny-preset DYffusion `model.pt` for `store`, saved the way train-forecaster saves one.
+def make_untrained_checkpoint(store, path: Path, seed: int = 0, overrides: tuple[str, ...] = (),
+                              preset: str = "tiny") -> Path:
+    """An untrained DYffusion `model.pt` of `preset` for `store`, saved the way train-forecaster saves one.
 
-    `overrides` are `--set` strings applied to the tiny preset (e.g. a network width for benchmarks).
+    `overrides` are `--set` strings applied to the preset (e.g. a network width for benchmarks).
     """
     import torch
 
@@ -96,7 +97,7 @@ def make_untrained_checkpoint(store, path: Path, seed: int = 0, overrides: tuple
     from dyfcli.model import build_forecaster, build_interpolator
 
     torch.manual_seed(seed)
-    config = load_config("tiny", list(overrides))
+    config = load_config(preset, list(overrides))
     fields, conditions = len(store.fields), len(store.cond_names)
     interpolator = build_interpolator(config, fields, conditions)
     forecaster = build_forecaster(config, fields, conditions)

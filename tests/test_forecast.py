@@ -405,6 +405,48 @@ def test_real_model_end_to_end(dyf, stores, tmp_path):
     assert summary["network_calls_per_member"] == 2 * (4 + 5)
 
 
+def test_bf16_and_compile_are_ignored_off_cuda(stores, tmp_path, caplog):
+    store = stores["dated"]
+    ckpt = _real_checkpoint(store, tmp_path / "model.pt")
+    request = forecast.ForecastRequest(checkpoint=ckpt, out=tmp_path / "plain.zarr", horizon=4, ensemble=2,
+                                       data=store.path, init="0", seed=1, device="cpu")
+    forecast.run_forecast(request)
+    with caplog.at_level("INFO", logger="dyf.forecast"):
+        forecast.run_forecast(replace(request, out=tmp_path / "fast.zarr", bf16=True, compile=True))
+    assert "apply on CUDA only" in caplog.text
+    plain, fast = open_forecast(tmp_path / "plain.zarr").ds, open_forecast(tmp_path / "fast.zarr").ds
+    assert fast.attrs["dyf_precision"] == plain.attrs["dyf_precision"] == "float32"
+    np.testing.assert_array_equal(fast["u"].values, plain["u"].values)
+
+
+def test_bf16_rollout_runs_the_sampler_under_autocast_and_returns_float32(stores, tmp_path):
+    """The bf16 path of the block loop, on CPU autocast: network outputs in bf16, everything after float32."""
+    from dyfcli.checkpoint import load_checkpoint
+    from dyfcli.model import dyffusion_from_checkpoint
+    from dyfcli.noise import MemberNoise
+
+    store = stores["dated"]
+    checkpoint = load_checkpoint(_real_checkpoint(store, tmp_path / "model.pt"))
+    model = dyffusion_from_checkpoint(checkpoint, "cpu")
+    seen = []
+    hook = model.interpolator.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    plan = forecast.plan_leads(4, model.horizon, None)
+    init = forecast.select_initial_conditions(store, "test", "0", 4)
+    block_inputs = forecast.StoreInputs(store, Normalizer.from_state(checkpoint.normalizer), "cpu")
+    inputs = block_inputs(0, init.time_indices[0], forecast.window_valid_times(store, init, plan)[0])
+    noise = MemberNoise.for_members(0, [0, 1])
+    outputs = {}
+    for bf16 in (False, True):
+        seen.clear()
+        outputs[bf16] = forecast.rollout(model, {}, inputs, plan, noise, forecast.Counter(), 1, bf16=bf16)
+        assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+    hook.remove()
+    assert outputs[True].dtype == torch.float32
+    valid = inputs.mask.expand_as(outputs[False])
+    difference = (outputs[True] - outputs[False])[valid].abs().max().item()
+    assert 0 < difference < 0.1 * outputs[False][valid].abs().max().item()
+
+
 def test_real_model_boundary_conditions(tmp_path):
     import zarr
 

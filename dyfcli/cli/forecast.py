@@ -60,6 +60,10 @@ def forecast_command(
                                             "0.5,1,1.5,2 (fractional ones need a model with refinement)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted forecast into --out."),
+    bf16: bool = typer.Option(False, "--bf16", help="Run the networks under bfloat16 autocast (CUDA only; "
+                                                     "recorded in the store as dyf_precision)."),
+    compile_networks: bool = typer.Option(False, "--compile", help="torch.compile the networks (CUDA only; pays "
+                                                                    "off on long forecasts)."),
 ) -> None:
     """Forecast ensembles from every chosen initial condition and write them, in physical units, to a
     forecast store; run under torchrun or srun to spread initial conditions over GPUs."""
@@ -70,7 +74,8 @@ def forecast_command(
         request = ForecastRequest(
             checkpoint=ckpt, out=out, horizon=horizon, ensemble=ensemble, data=data, split=split, init=init,
             steps=steps, seed=seed, member_batch=member_batch, device=device,
-            output_times=_output_times(output_times), overwrite=overwrite, resume=resume)
+            output_times=_output_times(output_times), overwrite=overwrite, resume=resume, bf16=bf16,
+            compile=compile_networks)
         return run_forecast(request)
 
     run_command("forecast", workflow, _render)
