@@ -135,7 +135,8 @@ def configure_device(device) -> None:
     import torch
 
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # plain "cuda" is the current device already
+            torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
     elif device.type == "cpu":
