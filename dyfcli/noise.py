@@ -80,20 +80,30 @@ class MemberNoise:
     def __len__(self) -> int:
         return self.keys.shape[0]
 
-    def _bits(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """24 random bits per element as int64 in [0, 2**24), shape (B, *shape)."""
-        count = math.prod(shape)
+    def _words(self, count: int) -> torch.Tensor:
+        """`count` 64-bit hashes per row, int64 (B, count): element j of row b hashes (keys[b], j + 1)."""
         counter = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device).mul_(_GOLDEN)
-        z = _mix(self.keys[:, None] + counter[None, :])
-        return _shift_right(z, 40).view(len(self), *shape)
+        return _mix(self.keys[:, None] + counter[None, :])
 
     def uniform(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """U[0, 1) draws of shape (B, *shape), 24 random bits each."""
-        return (self._bits(tuple(shape)).to(torch.float32) * 2.0**-24).to(dtype)
+        """U[0, 1) draws of shape (B, *shape), 24 random bits each (the top bits of one hash per element)."""
+        bits = _shift_right(self._words(math.prod(shape)), 40).view(len(self), *shape)
+        return (bits.to(torch.float32) * 2.0**-24).to(dtype)
 
     def bernoulli_keep(self, shape: tuple[int, ...], drop_probability: float) -> torch.Tensor:
-        """Bool mask of shape (B, *shape), True with probability 1 - p; equals `uniform(shape) >= p`."""
-        return self._bits(tuple(shape)) >= math.ceil(drop_probability * 2**24)
+        """Bool mask of shape (B, *shape), True with probability 1 - ceil(p * 2**16) / 2**16.
+
+        Each 64-bit hash is read as four 16-bit draws (its int64 memory viewed as int16, low half first:
+        the same on every little-endian device), so a mask costs a quarter of the hashing of `uniform`:
+        dropout masks are the largest random draws of a forecast (every MC-dropout layer of every
+        interpolator call).
+        """
+        count = math.prod(shape)
+        threshold = math.ceil(drop_probability * 2**16) - 2**15
+        if threshold >= 2**15:  # p > 1 - 2**-16: nothing is kept (and 2**15 is no int16)
+            return torch.zeros((len(self), *shape), dtype=torch.bool, device=self.keys.device)
+        draws = self._words(-(-count // 4)).view(torch.int16)[:, :count]  # uniform on [-2**15, 2**15)
+        return (draws >= threshold).view(len(self), *shape)
 
     def normal(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal draws of shape (B, *shape) by Box-Muller."""

@@ -247,6 +247,24 @@ def test_member_dropout_mask_rate_scale_and_layer_independence():
     assert ((first[0] == 0) != (first[1] == 0)).float().mean() > 0.3  # and so do members
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.6])
+def test_bernoulli_keep_rate_and_independence_of_the_packed_draws(p):
+    """Four 16-bit draws share one hash: the rate is 1 - p and neighbours (same hash) are independent."""
+    noise = MemberNoise.for_members(3, list(range(8)))
+    keep = noise.bernoulli_keep((7, 101, 13), p).float()  # an odd element count: the last hash is cut
+    assert keep.shape == (8, 7, 101, 13)
+    flat = keep.reshape(8, -1)
+    n = flat.numel()
+    assert abs(flat.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    for lag in (1, 2, 3, 4):  # lags 1-3 compare draws of the same hash, lag 4 the next hash
+        a, b = flat[:, :-lag] - (1 - p), flat[:, lag:] - (1 - p)
+        correlation = (a * b).mean() / (p * (1 - p))
+        assert abs(correlation.item()) < 4 / a.numel() ** 0.5
+    alone = MemberNoise.for_members(3, [5]).bernoulli_keep((7, 101, 13), p)
+    assert torch.equal(alone[0], keep[5].bool())  # a member's mask does not depend on the batch
+    assert noise.bernoulli_keep((5,), 0.0).all() and not noise.bernoulli_keep((5,), 1 - 2**-17).any()
+
+
 def test_mc_dropout_noise_rows_must_match_the_batch():
     net = tiny("cnn", dropout=True).eval()
     x, time, cond = inputs(batch=2)
