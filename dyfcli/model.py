@@ -303,13 +303,16 @@ class DYffusionModel:
 
 @contextmanager
 def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside the block; the previous train/eval flag is restored after."""
+    """Eval mode inside the block; train mode is restored after if it was on (a network already in eval
+    mode is left alone: sampling enters this at every network call, and `eval()` walks every module)."""
     was_training = net.training
-    net.eval()
+    if was_training:
+        net.eval()
     try:
         yield net
     finally:
-        net.train(was_training)
+        if was_training:
+            net.train()
 
 
 def nonempty(condition: torch.Tensor | None) -> torch.Tensor | None:

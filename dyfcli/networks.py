@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -92,18 +93,29 @@ def _number_dropout_layers(net: nn.Module) -> None:
         layer.layer_id = layer_id
 
 
+# The dropout layers of each network, found once: sampling enters `mc_dropout` at every network call.
+_DROPOUT_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dropout_layers(net: nn.Module) -> list[MemberDropout]:
+    layers = _DROPOUT_LAYERS.get(net)
+    if layers is None:  # a built network does not gain or lose layers
+        layers = _DROPOUT_LAYERS[net] = [m for m in net.modules() if isinstance(m, MemberDropout)]
+    return layers
+
+
 @contextmanager
 def mc_dropout(net: nn.Module, noise: MemberNoise | None) -> Iterator[nn.Module]:
     """Switch every dropout layer of `net` on (MC dropout), leaving the other layers' mode alone.
 
     With `noise` (one key per batch row), row b's mask in layer `l` is
-    `noise.fold(l).uniform(x.shape[1:])[b] >= p`: reproducible from the member's key, independent of
+    `noise.fold(l).bernoulli_keep(x.shape[1:], p)[b]`: reproducible from the member's key, independent of
     batching. The same `noise` gives the same masks on every call inside one context, so a caller that
     needs independent draws per call (e.g. the two interpolator calls of one cold-sampling update)
     passes `noise.fold(call_index)` in a fresh context per call. With `noise=None` masks come from
     torch's global RNG. Contexts nest; the previous state is restored on exit.
     """
-    layers = [m for m in net.modules() if isinstance(m, MemberDropout)]
+    layers = _dropout_layers(net)
     if noise is not None:
         device = next((p.device for p in net.parameters()), noise.keys.device)
         noise = MemberNoise(noise.keys.to(device))
