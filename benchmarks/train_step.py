@@ -133,6 +133,10 @@ def main() -> None:
     args.clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     torch.set_num_threads(args.threads)
     from dyfcli.config import load_config
+    from dyfcli.runtime import configure_device
+
+    # The process settings dyf's training applies (CPU: glibc keeps freed tensor memory), for both loops.
+    configure_device(torch.device(args.device))
     from dyfcli.train import train_interpolator
     from storefactory import make_store
 

@@ -76,9 +76,6 @@ class MemberDropout(nn.Module):
             return F.dropout(x, self.p, True)
         return x * self._member_mask(x)
 
-    # Left out of torch.compile graphs (a graph break per dropout layer): inductor folds the hash's
-    # arange x 64-bit constants into index arithmetic that overflows int64 (InductorError, torch 2.13).
-    @torch.compiler.disable
     def _member_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep-mask scaled by 1/(1-p), shape of x; row b from `noise.fold(layer_id)` row b only."""
         if len(self.noise) != x.shape[0]:

@@ -6,7 +6,10 @@ batch carries its own 64-bit key, and each number is a hash of (key, element ind
 masks and noise are the same whether it runs alone, in a batch of 50, on CPU or on GPU.
 
 The hash is SplitMix64's finaliser evaluated on int64 tensors (multiplication wraps modulo 2**64; right
-shifts are made logical by masking).
+shifts are made logical by masking). Element j of a row is the finaliser of (key XOR j): keys are already
+mixed 64-bit values, and unlike SplitMix64's key + j * golden ratio this keeps 64-bit constants away from
+the element index, which torch.compile would fold into index arithmetic that overflows int64 (so masks
+compile into the networks' graphs instead of breaking them at every dropout layer).
 """
 
 from __future__ import annotations
@@ -81,9 +84,9 @@ class MemberNoise:
         return self.keys.shape[0]
 
     def _words(self, count: int) -> torch.Tensor:
-        """`count` 64-bit hashes per row, int64 (B, count): element j of row b hashes (keys[b], j + 1)."""
-        counter = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device).mul_(_GOLDEN)
-        return _mix(self.keys[:, None] + counter[None, :])
+        """`count` 64-bit hashes per row, int64 (B, count): element j of row b is mix(keys[b] ^ (j + 1))."""
+        counter = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device)
+        return _mix(self.keys[:, None] ^ counter[None, :])
 
     def uniform(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """U[0, 1) draws of shape (B, *shape), 24 random bits each (the top bits of one hash per element)."""
