@@ -103,20 +103,25 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
 
 
 def resolve_device(spec: str = "auto"):
-    """Turn `auto|cpu|cuda|cuda:N` into a torch.device; auto picks the GPU when there is one (under
-    torchrun/srun the rank's local GPU)."""
+    """Turn `auto|cpu|cuda|cuda:N` into a torch.device; auto picks the GPU when there is one. Under
+    torchrun/srun `auto` and `cuda` mean the rank's local GPU (`cuda:N` is taken as given)."""
     import torch
 
     from dyfcli.errors import UsageError
 
-    if spec == "auto":
+    if spec == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if spec in ("auto", "cuda"):
         if not torch.cuda.is_available():
-            return torch.device("cpu")
+            raise UsageError(f"--device {spec}: no CUDA device is visible here; use --device cpu or auto")
         launch = launch_environment()  # known before the process group is joined
-        return torch.device("cuda", launch["local_rank"]) if launch is not None else torch.device("cuda")
+        if launch is None:
+            return torch.device("cuda")
+        # modulo: a job step that shows each task only its own GPU (srun --gpus-per-task) has one device
+        return torch.device("cuda", launch["local_rank"] % torch.cuda.device_count())
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
+    if spec.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: no CUDA device is visible here; use --device cpu or auto")
         device = torch.device(spec)

@@ -359,7 +359,7 @@ def _open_run(method_name: str, config: RunConfig, data: Path, out: Path, interp
     from dyfcli.store import open_store
 
     kind = {"interpolator": "interpolator", "dyffusion": "forecaster"}.get(method_name, method_name)
-    device = _device(device_spec, ranks)
+    device = _device(device_spec)
     state = _prepare_output(out, overwrite, ranks)
     if state is not None:
         _check_resumable(state, config, kind, out)
@@ -551,12 +551,10 @@ class Ema:
 
 # ================================================================================================ outputs
 
-def _device(spec: str, ranks: Ranks) -> torch.device:
+def _device(spec: str) -> torch.device:
     from dyfcli.runtime import configure_device, resolve_device
 
-    device = resolve_device(spec)
-    if device.type == "cuda" and ranks.world > 1 and device.index is None:
-        device = torch.device("cuda", ranks.local_rank)
+    device = resolve_device(spec)  # under torchrun/srun: this rank's GPU
     configure_device(device)
     return device
 

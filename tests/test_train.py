@@ -19,7 +19,7 @@ from dyfcli import checkpoint as ckpt
 from dyfcli.cli import main
 from dyfcli.config import load_config
 from dyfcli.errors import Interrupted, UsageError
-from dyfcli.runtime import launch_environment, launch_rank, stop_signals
+from dyfcli.runtime import launch_environment, launch_rank, resolve_device, stop_signals
 from dyfcli.train import Ema, _learning_rate, _SkipSampler, train_interpolator
 from storefactory import make_store
 
@@ -272,3 +272,23 @@ def test_ema_follows_the_warmed_up_decay():
 
 def test_skip_sampler_resumes_mid_epoch():
     assert list(_SkipSampler(range(10), 4)) == [4, 5, 6, 7, 8, 9] and len(_SkipSampler(range(10), 4)) == 6
+
+
+def test_resolve_device_gives_each_launched_rank_its_local_gpu(monkeypatch):
+    """`auto` and `cuda` mean the rank's GPU under torchrun/srun (modulo the GPUs the task sees)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 2)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)  # an explicit index is taken as given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task: one visible GPU
+    assert resolve_device("cuda") == torch.device("cuda", 0)
