@@ -38,7 +38,8 @@ import numpy as np
 
 from dyfcli import forecast_store
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
-from dyfcli.runtime import Ranks, configure_device, distributed, launch_rank, resolve_device, stop_signals
+from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, launch_rank, resolve_device,
+                            stop_signals)
 
 if TYPE_CHECKING:
     import torch
@@ -470,19 +471,13 @@ def load_method(checkpoint, device, steps: str | None) -> Method:
 
 
 def speed_up(method: Method, device, *, bf16: bool, compile: bool) -> Method:
-    """`--bf16` / `--compile` on CUDA: compile the model's networks in place, run the sampler under bf16
-    autocast. Elsewhere both are ignored (logged): the forecast runs in float32, uncompiled."""
+    """`--bf16` / `--compile` (`runtime.cuda_speedups`): compile the model's networks in place, run the
+    sampler under bf16 autocast; both on CUDA only."""
     import torch
 
-    if not (bf16 or compile):
-        return method
-    if device.type != "cuda":
-        log.info("--bf16 and --compile apply on CUDA only; forecasting in float32 on %s", device)
-        return method
-    if compile:
-        for network in (value for value in vars(method.model).values() if isinstance(value, torch.nn.Module)):
-            network.compile()
-    return dataclasses.replace(method, bf16=bf16)
+    networks = [value for value in vars(method.model).values() if isinstance(value, torch.nn.Module)]
+    on = cuda_speedups(networks, device, bf16=bf16, compile=compile, action="forecasting in float32")
+    return dataclasses.replace(method, bf16=on)
 
 
 class StoreInputs:

@@ -7,6 +7,7 @@ and plain periodic log lines otherwise, so batch jobs show progress in their log
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -152,6 +153,21 @@ def configure_device(device) -> None:
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def cuda_speedups(networks, device, *, bf16: bool, compile: bool, action: str) -> bool:
+    """The `bf16` / `compile` options of training and forecasting, which apply on CUDA only: compiles
+    `networks` in place when asked; returns whether to run under bfloat16 autocast. Elsewhere both are
+    logged as ignored (`action` says what runs instead, e.g. "training in float32")."""
+    if device.type != "cuda":
+        if bf16 or compile:
+            log.info("bf16 and compile apply on CUDA only; %s on %s", action, device)
+        return False
+    if compile:
+        for network in networks:
+            network.compile()
+    return bf16
+
+
+@functools.cache
 def tune_cpu_allocator() -> bool:
     """Make glibc keep freed tensor memory for reuse instead of handing it back to the kernel.
 
@@ -161,18 +177,16 @@ def tune_cpu_allocator() -> bool:
     1.0-1.5 M page faults and 0.6-1.8 s of system time. With a 32 MiB mmap threshold (glibc's maximum) and
     a 1 GiB trim threshold the same run takes ~100 page faults and 0.1 s (the remedy PyTorch's CPU tuning
     guide reaches with jemalloc or tcmalloc). Costs at most 1 GiB of freed memory kept by the process.
-    Returns False where the C library has no `mallopt` (not glibc); nothing changes then.
+    Returns False where the C library has no `mallopt` (not glibc); nothing changes then. Runs once per
+    process (cached).
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        mallopt = ctypes.CDLL(None).mallopt  # the symbols already loaded into this process: libc's
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None or not sys.platform.startswith("linux"):
         return False
     ok = all(mallopt(parameter, value) == 1 for parameter, value in (
         (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))

@@ -51,7 +51,7 @@ from dyfcli.errors import ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
                           load_weights, members_first, repeat_members)
 from dyfcli.noise import MemberNoise
-from dyfcli.runtime import Ranks, distributed, ignore_stop_signals, stop_signals
+from dyfcli.runtime import Ranks, cuda_speedups, distributed, ignore_stop_signals, stop_signals
 
 log = logging.getLogger("dyf")
 
@@ -270,7 +270,10 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     ranks.broadcast_module(network)
     _write_run_files(run, resumed=state is not None)
 
-    autocast = _cuda_speedups(network, config, device)
+    training = config.training
+    bf16 = cuda_speedups([network], device, bf16=training.bf16, compile=training.compile,
+                         action="training in float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     loader_for_epoch, micro_per_epoch = _train_loader(train_set, config, ranks, pin_memory=device.type == "cuda")
     accumulation = config.training.accumulation
     steps_per_epoch = math.ceil(micro_per_epoch / accumulation)
@@ -326,16 +329,6 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
         if progress.last_validated_step != progress.step:
             validate_and_save_state()  # a signal during this last validation still saves and exits 75
     return _finish(run, network, ema, progress, resumed_from, started)
-
-
-def _cuda_speedups(network: nn.Module, config: RunConfig, device: torch.device):
-    """Compile `network` when asked; the bf16 autocast context for the loss (a no-op context off CUDA)."""
-    use_cuda = device.type == "cuda"
-    if config.training.compile and use_cuda:
-        network.compile()
-    if (config.training.compile or config.training.bf16) and not use_cuda:
-        log.info("bf16 and compile apply on CUDA only; training in float32 on %s", device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if config.training.bf16 and use_cuda else nullcontext()
 
 
 def _optimizer_step(network: nn.Module, optimizer: torch.optim.Optimizer, ema: Ema | None, ranks: Ranks,

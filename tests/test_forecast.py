@@ -411,7 +411,7 @@ def test_bf16_and_compile_are_ignored_off_cuda(stores, tmp_path, caplog):
     request = forecast.ForecastRequest(checkpoint=ckpt, out=tmp_path / "plain.zarr", horizon=4, ensemble=2,
                                        data=store.path, init="0", seed=1, device="cpu")
     forecast.run_forecast(request)
-    with caplog.at_level("INFO", logger="dyf.forecast"):
+    with caplog.at_level("INFO", logger="dyf"):
         forecast.run_forecast(replace(request, out=tmp_path / "fast.zarr", bf16=True, compile=True))
     assert "apply on CUDA only" in caplog.text
     plain, fast = open_forecast(tmp_path / "plain.zarr").ds, open_forecast(tmp_path / "fast.zarr").ds
