@@ -338,32 +338,36 @@ def forecaster_loss(interpolate: Interpolate, forecast: Forecast, x0: torch.Tens
     twice, once directly and once through the interpolator. x~_t needs no graph (its inputs are data).
     The look-ahead mean is over its subset only; it is 0 when the subset is empty or lambda_lookahead is 0.
 
+    Every network call sees the whole batch, so no shape depends on the drawn steps: rows at t = 0 take x0
+    in place of their interpolation, and rows at t = T-1 (their next step clamped to T-1) are weighted out
+    of the look-ahead mean. The official code subsets the rows instead. With a new batch size at almost
+    every step, that re-runs cuDNN's autotuning (`cudnn.benchmark`) and recompiles compiled networks, and
+    the host waits for the device to count the rows. The price is the 1/T of rows whose outputs are dropped.
+
     Args:
       x0, xh: (B, C, Y, X) initial condition and true x_h; steps: (B,) integer diffusion steps t in 0..T-1.
-      condition: static conditioning (B, Cc, Y, X) or None, subset along with the samples.
+      condition: static conditioning (B, Cc, Y, X) or None.
     """
-    num_diffusion_steps = horizon + extra_steps
-    x_t = x0.clone()
-    interpolated = steps > 0
-    if interpolated.any():
-        with torch.no_grad():
-            x_t[interpolated] = interpolate(x0[interpolated], xh[interpolated],
-                                            step_to_time(steps[interpolated], extra_steps), None,
-                                            _rows(condition, interpolated)).to(x_t.dtype)
+    last_step = horizon + extra_steps - 1
+    with torch.no_grad():
+        interpolated = interpolate(x0, xh, step_to_time(steps.clamp(min=1), extra_steps), None, condition)
+    x_t = torch.where(_per_row(steps > 0, x0), interpolated.to(x0.dtype), x0)
     xh_hat = forecast(x_t, step_to_time(steps, extra_steps), steps.float(), x0, None, condition)
     loss_forward = functional.l1_loss(xh_hat, xh)
 
-    ahead = steps <= num_diffusion_steps - 2
     loss_lookahead = torch.zeros((), dtype=loss_forward.dtype, device=loss_forward.device)
-    if lambda_lookahead > 0 and ahead.any():
-        step_next = steps[ahead] + 1
+    if lambda_lookahead > 0:
+        step_next = (steps + 1).clamp(max=last_step)
         time_next = step_to_time(step_next, extra_steps)
-        x_next = interpolate(x0[ahead], xh_hat[ahead], time_next, None, _rows(condition, ahead))
-        xh_hat_next = forecast(x_next, time_next, step_next.float(), x0[ahead], None, _rows(condition, ahead))
-        loss_lookahead = functional.l1_loss(xh_hat_next, xh[ahead])
+        x_next = interpolate(x0, xh_hat, time_next, None, condition)
+        xh_hat_next = forecast(x_next, time_next, step_next.float(), x0, None, condition)
+        row_errors = functional.l1_loss(xh_hat_next, xh, reduction="none").flatten(1).mean(dim=1)
+        ahead = steps < last_step
+        loss_lookahead = torch.where(ahead, row_errors, 0).sum() / ahead.sum().clamp(min=1)
     total = lambda_forward * loss_forward + lambda_lookahead * loss_lookahead
     return ForecasterLoss(total, loss_forward, loss_lookahead)
 
 
-def _rows(condition: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    return None if condition is None else condition[rows]
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) mask shaped to broadcast against `like` (B, ...)."""
+    return mask.view(-1, *([1] * (like.ndim - 1)))

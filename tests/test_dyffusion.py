@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn import functional
 
 from dyfcli import dyffusion
 from dyfcli.dyffusion import count_network_calls, make_schedule, sample, step_to_time
@@ -390,33 +391,41 @@ def test_forecaster_loss_terms_are_l1_and_lookahead_averages_its_subset_only():
     assert loss.total.item() == pytest.approx(0.3 * 1.0 + 0.7 * 0.5)
 
 
-def test_step_zero_uses_x0_without_an_interpolator_call():
+def test_every_call_of_the_forecaster_loss_sees_the_whole_batch():
+    # Shapes never depend on the drawn steps (cuDNN autotuning and compiled graphs are per shape).
+    trajectory = Trajectory(horizon=4)
+    for steps in ([0, 0, 0], [0, 4, 0], [5, 5, 5], [0, 2, 5]):
+        interpolate = Counter(linear_interpolator(4))
+        forecast = Counter(truth_from_condition(4))
+        _loss(forecast, interpolate, trajectory, steps)
+        assert len(interpolate.calls) == len(forecast.calls) == 2
+        assert all(call[0].shape == trajectory.x0.shape for call in interpolate.calls + forecast.calls)
+
+
+def test_step_zero_rows_take_x0_in_place_of_their_interpolation():
     trajectory = Trajectory(horizon=4)
     interpolate = Counter(linear_interpolator(4))
     forecast = Counter(truth_from_condition(4))
-    _loss(forecast, interpolate, trajectory, [0, 0, 0], lambda_lookahead=0.0)
-    assert interpolate.calls == []
-    assert torch.equal(forecast.calls[0][0], trajectory.x0)
-    interpolate.calls.clear(), forecast.calls.clear()
     _loss(forecast, interpolate, trajectory, [0, 4, 0], lambda_lookahead=0.0)
     (x0, xh, time, noise, condition), = interpolate.calls
-    assert x0.shape[0] == 1 and time.tolist() == [2.0] and noise is None  # i(4) = 4 - 2 with k = 2
+    assert time[1].item() == 2.0 and noise is None  # i(4) = 4 - 2 with k = 2
     first_input = forecast.calls[0][0]
     assert torch.equal(first_input[[0, 2]], trajectory.x0[[0, 2]])
     torch.testing.assert_close(first_input[1], trajectory.a[1] + 2 * trajectory.b[1])
 
 
-def test_lookahead_uses_the_next_step_and_is_skipped_at_the_last_step():
+def test_lookahead_uses_the_next_step_and_leaves_out_the_last_step():
     trajectory = Trajectory(horizon=4)
     interpolate = Counter(linear_interpolator(4))
     forecast = Counter(truth_from_condition(4))
-    _loss(forecast, interpolate, trajectory, [5, 5, 5])  # all at T-1
-    assert len(forecast.calls) == 1 and len(interpolate.calls) == 1
+    # T = 6: rows at t = T-1 have no next step; their errors (bias 3) must not reach the look-ahead term.
+    loss = _loss(forecast, interpolate, trajectory, [5, 5, 5], bias=[3.0, 3.0, 3.0])
+    assert loss.forward.item() == pytest.approx(3.0) and loss.lookahead.item() == 0
     interpolate.calls.clear(), forecast.calls.clear()
     _loss(forecast, interpolate, trajectory, [0, 2, 5])
     lookahead_interpolation = interpolate.calls[-1]
-    assert lookahead_interpolation[2].tolist() == pytest.approx([1 / 3, 1.0])  # i(1), i(3) with k = 2
-    assert forecast.calls[-1][2].tolist() == [1.0, 3.0]
+    assert lookahead_interpolation[2].tolist()[:2] == pytest.approx([1 / 3, 1.0])  # i(1), i(3) with k = 2
+    assert forecast.calls[-1][2].tolist()[:2] == [1.0, 3.0]
 
 
 class Scale(torch.nn.Module):
@@ -452,3 +461,43 @@ def test_lookahead_gradient_flows_through_the_interpolator_into_the_first_foreca
     assert seen == [False, True]  # x~_t from data needs no graph; the look-ahead input x^_h carries one
     assert through != 0 and detached != 0
     assert through != pytest.approx(detached)
+
+
+def _subset_forecaster_loss(interpolate, forecast, x0, xh, steps, horizon, extra_steps):
+    """The official formulation: the network calls see only the rows that need them."""
+
+    def time(step):
+        return step_to_time(step, extra_steps)
+
+    x_t = x0.clone()
+    moved = steps > 0
+    with torch.no_grad():
+        x_t[moved] = interpolate(x0[moved], xh[moved], time(steps[moved]), None, None)
+    xh_hat = forecast(x_t, time(steps), steps.float(), x0, None, None)
+    ahead = steps <= horizon + extra_steps - 2
+    step_next = steps[ahead] + 1
+    x_next = interpolate(x0[ahead], xh_hat[ahead], time(step_next), None, None)
+    lookahead = functional.l1_loss(forecast(x_next, time(step_next), step_next.float(), x0[ahead], None, None),
+                                   xh[ahead])
+    return 0.5 * functional.l1_loss(xh_hat, xh) + 0.5 * lookahead
+
+
+def test_whole_batch_loss_and_gradients_equal_the_subset_formulation():
+    trajectory = Trajectory(batch=6, horizon=4)
+    exact = linear_interpolator(4)
+
+    def interpolate(x0, xh, time, noise, condition):  # nonlinear in its inputs, so gradients are not trivial
+        return torch.tanh(exact(x0, xh, time, noise, condition))
+
+    steps = torch.tensor([0, 2, 5, 3, 0, 5])
+    gradients = []
+    for loss_of in (
+        lambda f: dyffusion.forecaster_loss(interpolate, f, trajectory.x0, trajectory.xh, steps, horizon=4,
+                                            extra_steps=2).total,
+        lambda f: _subset_forecaster_loss(interpolate, f, trajectory.x0, trajectory.xh, steps, 4, 2),
+    ):
+        forecaster = Scale()
+        loss = loss_of(forecaster)
+        loss.backward()
+        gradients.append((loss.item(), forecaster.w.grad.item(), forecaster.c.grad.item()))
+    assert gradients[0] == pytest.approx(gradients[1], rel=1e-12)
