@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# dyf's checks on a GPU machine in one run of at most 9.7 minutes (so that it fits a 10-minute lease call), most
-# wanted first: benchmarks/gpu.py's forecast (bf16 and compile speed-ups, model FLOP utilisation), its training
-# step of the forecaster stage, the CUDA tests (`pytest -m gpu`, the slow pipeline test left out: run it on its
-# own), then the interpolator stage's training step. Each part has its own time limit; the figures of a part
-# cut short up to that point are kept in its JSON file.
+# dyf's checks on a GPU machine: benchmarks/gpu.py's figures (bf16 and compile speed-ups, model FLOP
+# utilisation) and the CUDA tests (`pytest -m gpu`), in parts, each under its own time limit:
+#   forecast            11 SST boxes x 50 members, fp32 / bf16 / bf16 + compile      (at most 220 s)
+#   train-forecaster    the forecaster stage's training step, same modes             (at most 220 s)
+#   tests               the CUDA tests but the slow pipeline test (run that alone)    (at most 110 s)
+#   train-interpolator  the interpolator stage's training step, same modes           (at most 150 s)
+# All four (the default) take up to 11.7 minutes, about 10 on one H200; name fewer to fit a shorter call.
+# Figures of a part cut short by its limit are kept in its JSON file up to that point.
 #
-#   bash scripts/gpu_checks.sh [OUT_DIR]          (PYTHON=... to choose the interpreter; default python3)
+#   bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]     (PYTHON=... to choose the interpreter; default python3)
 #
 # The interpreter needs dyf's dependencies. On a machine that cannot download (a lent device), bring them
 # as wheels built for its Python, e.g. for CPython 3.12 on x86-64, from the repository root:
@@ -16,6 +19,8 @@
 # and set WHEELS=.whl: they are installed into /tmp/dyf-site first.
 set -u
 out=${1:-gpu-checks}
+shift || true
+parts=${*:-forecast train-forecaster tests train-interpolator}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -25,22 +30,28 @@ if [ -n "${WHEELS:-}" ]; then
         "$WHEELS"/*.whl || exit 3
     export PYTHONPATH="/tmp/dyf-site:$PYTHONPATH"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 
-echo "== forecast: 11 SST boxes x 50 members, fp32 / bf16 / bf16 + compile"
-timeout 220 "$py" benchmarks/gpu.py --parts forecast --inits 1 --json "$out/forecast.json" >"$out/forecast.log" 2>&1
-grep -E "part=|Error" "$out/forecast.log"
+train() {  # train STAGE LIMIT
+    echo "== training step of the $1 stage"
+    timeout "$2" "$py" benchmarks/gpu.py --parts train --stages "$1" --json "$out/train-$1.json" \
+        >"$out/train-$1.log" 2>&1
+    grep -E "part=|Error" "$out/train-$1.log"
+}
 
-echo "== training step of the forecaster stage"
-timeout 140 "$py" benchmarks/gpu.py --parts train --stages forecaster --json "$out/train-forecaster.json" \
-    >"$out/train-forecaster.log" 2>&1
-grep -E "part=|Error" "$out/train-forecaster.log"
-
-echo "== CUDA tests"
-timeout 110 "$py" -m pytest -q -m gpu tests/test_gpu.py -k "not pipeline" -p no:cacheprovider 2>&1 \
-    | tee "$out/pytest.log" | tail -5
-
-echo "== training step of the interpolator stage"
-timeout 100 "$py" benchmarks/gpu.py --parts train --stages interpolator --json "$out/train-interpolator.json" \
-    >"$out/train-interpolator.log" 2>&1
-grep -E "part=|Error" "$out/train-interpolator.log"
+for part in $parts; do
+    case $part in
+    forecast)
+        echo "== forecast: 11 SST boxes x 50 members, fp32 / bf16 / bf16 + compile"
+        timeout 220 "$py" benchmarks/gpu.py --parts forecast --inits 1 --json "$out/forecast.json" \
+            >"$out/forecast.log" 2>&1
+        grep -E "part=|Error" "$out/forecast.log" ;;
+    train-forecaster) train forecaster 220 ;;
+    train-interpolator) train interpolator 150 ;;
+    tests)
+        echo "== CUDA tests"
+        timeout 110 "$py" -m pytest -q -m gpu tests/test_gpu.py -k "not pipeline" -p no:cacheprovider 2>&1 \
+            | tee "$out/pytest.log" | tail -5 ;;
+    *) echo "unknown part '$part' (forecast, train-forecaster, tests, train-interpolator)"; exit 2 ;;
+    esac
+done
