@@ -110,26 +110,27 @@ def resolve_device(spec: str = "auto"):
 
     from dyfcli.errors import UsageError
 
-    if spec == "auto" and not torch.cuda.is_available():
+    if spec not in ("auto", "cpu", "cuda") and not spec.startswith("cuda:"):
+        raise UsageError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA device is visible here; use --device cpu or auto")
     if spec in ("auto", "cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA device is visible here; use --device cpu or auto")
         launch = launch_environment()  # known before the process group is joined
-        if launch is None:
-            return torch.device("cuda")
-        # modulo: a job step that shows each task only its own GPU (srun --gpus-per-task) has one device
-        return torch.device("cuda", launch["local_rank"] % torch.cuda.device_count())
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA device is visible here; use --device cpu or auto")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    raise UsageError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+        return torch.device("cuda") if launch is None else torch.device("cuda", local_gpu(launch))
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def local_gpu(launch: dict[str, int]) -> int:
+    """The index of a launched rank's GPU: its local rank, modulo the GPUs the process sees (a job step
+    that shows each task only its own GPU, `srun --gpus-per-task=1`, has one)."""
+    import torch
+
+    return launch["local_rank"] % torch.cuda.device_count()
 
 
 def configure_device(device) -> None:
@@ -149,10 +150,6 @@ def configure_device(device) -> None:
         tune_cpu_allocator()
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
 def cuda_speedups(networks, device, *, bf16: bool, compile: bool, action: str) -> bool:
     """The `bf16` / `compile` options of training and forecasting, which apply on CUDA only: compiles
     `networks` in place when asked; returns whether to run under bfloat16 autocast. Elsewhere both are
@@ -165,6 +162,10 @@ def cuda_speedups(networks, device, *, bf16: bool, compile: bool, action: str) -
         for network in networks:
             network.compile()
     return bf16
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 @functools.cache
@@ -314,7 +315,7 @@ def distributed(backend: str | None = None) -> Iterator[Ranks]:
     joined = not dist.is_initialized()
     if joined:
         if backend == "nccl":
-            torch.cuda.set_device(launch["local_rank"])
+            torch.cuda.set_device(local_gpu(launch))
         dist.init_process_group(backend, rank=launch["rank"], world_size=launch["world"])
     if launch["rank"] != 0:
         log.setLevel(logging.WARNING)

@@ -51,7 +51,8 @@ from dyfcli.errors import ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
                           load_weights, members_first, repeat_members)
 from dyfcli.noise import MemberNoise
-from dyfcli.runtime import Ranks, cuda_speedups, distributed, ignore_stop_signals, stop_signals
+from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, ignore_stop_signals,
+                            resolve_device, stop_signals)
 
 log = logging.getLogger("dyf")
 
@@ -545,8 +546,6 @@ class Ema:
 # ================================================================================================ outputs
 
 def _device(spec: str) -> torch.device:
-    from dyfcli.runtime import configure_device, resolve_device
-
     device = resolve_device(spec)  # under torchrun/srun: this rank's GPU
     configure_device(device)
     return device

@@ -19,7 +19,7 @@ from dyfcli import checkpoint as ckpt
 from dyfcli.cli import main
 from dyfcli.config import load_config
 from dyfcli.errors import Interrupted, UsageError
-from dyfcli.runtime import launch_environment, launch_rank, resolve_device, stop_signals
+from dyfcli.runtime import distributed, launch_environment, launch_rank, resolve_device, stop_signals
 from dyfcli.train import Ema, _learning_rate, _SkipSampler, train_interpolator
 from storefactory import make_store
 
@@ -292,3 +292,24 @@ def test_resolve_device_gives_each_launched_rank_its_local_gpu(monkeypatch):
     assert resolve_device("cuda:3") == torch.device("cuda", 3)  # an explicit index is taken as given
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task: one visible GPU
     assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
+def test_nccl_process_group_selects_the_same_gpu_as_resolve_device(monkeypatch):
+    """Joining with nccl makes the rank's GPU current: local rank 1 of a task that sees one GPU gets GPU 0."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in srun.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    current, joined = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    with distributed() as ranks:
+        assert (ranks.rank, ranks.world, ranks.local_rank) == (1, 2, 1)
+    assert joined == [("nccl", {"rank": 1, "world_size": 2})]
+    assert current == [0] and resolve_device("auto") == torch.device("cuda", 0)
