@@ -912,6 +912,11 @@ class Plan:
     def standardized(self) -> bool:
         return self.archive.layout == "boxes"
 
+    @property
+    def n_blocks(self) -> int:
+        """Write blocks of `time_block` days covering `times` (the last may be shorter)."""
+        return -(-len(self.times) // self.time_block)
+
 
 def plan_raw_boxes(archive: Archive, requested: list[int] | None) -> tuple[list[int], Reader, np.ndarray, np.ndarray]:
     """Boxes, reader and coordinates for PSL/NCEI files; `all` keeps boxes >= 95 % ocean on day one."""
@@ -1155,8 +1160,7 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
 def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, started: float) -> dict:
     """Staging store (fresh or resumed) -> field blocks -> statistics -> rename into place."""
     staging = data_store.staging_path(out)
-    n_blocks = -(-len(plan.times) // plan.time_block)
-    workers = 1 if client is not None else min(workers, n_blocks)
+    workers = 1 if client is not None else min(workers, plan.n_blocks)
     in_flight = TASKS_PER_WORKER * workers
     with local_processes(workers) as pool:
         marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
@@ -1186,8 +1190,7 @@ def _block_jobs(plan: Plan, marks: Path) -> tuple[list[BlockJob], int]:
         block, position = divmod(time_index, plan.time_block)
         by_block.setdefault(block, []).append((position, day.path, day.index))
     jobs, skipped = [], 0
-    n_blocks = -(-len(plan.times) // plan.time_block)
-    for block in range(n_blocks):
+    for block in range(plan.n_blocks):
         marker = marks / f"block-{block:06d}"
         if marker.exists():
             skipped += 1
