@@ -6,7 +6,8 @@
 Builds a dated data store and an untrained tiny-preset DYffusion checkpoint (network width `--dim`),
 then times `forecast.run_forecast` (everything: checkpoint and store loading, schema creation, the block
 loop, writing, completion) and, separately, one interpolator call and one forecaster call at the same
-batch (`--members` rows, MC dropout masks included, as the sampler calls them). Prints
+batch (the rows of one member group, `forecast.member_groups`: `--members` up to 8; MC dropout masks
+included, as the sampler calls them). Prints
 
     overhead = forecast wall time / (forecaster calls x t_F + interpolator calls x t_I)
 
@@ -185,17 +186,18 @@ def main() -> None:
     # forecast and its denominator see the same machine conditions (on a shared machine the speed of the
     # same call drifts by several per cent over seconds); the figure is the median of the per-round ratios.
     calls = model.network_calls("full")
+    groups, rows = forecast.member_groups(args.members, args.members, torch.device("cpu"))  # rows per call
 
     def network_seconds(timings: tuple[float, float], summary: dict) -> float:
         t_interpolator, t_forecaster = timings
-        batches = summary["blocks_written"] * summary["windows"]  # one member batch per block and window
+        batches = summary["blocks_written"] * summary["windows"] * len(groups)  # one per group, block, window
         return batches * (calls.forecaster * t_forecaster + calls.interpolator * t_interpolator)
 
     rounds = []
-    before = time_calls(model, store, args.members, args.repeats)
+    before = time_calls(model, store, rows, args.repeats)
     for _ in range(args.rounds):
         wall, in_loop, summary = timed_forecast(forecast, request)
-        after = time_calls(model, store, args.members, args.repeats)
+        after = time_calls(model, store, rows, args.repeats)
         alone = statistics.mean(network_seconds(timings, summary) for timings in (before, after))
         rounds.append({"wall": wall, "in_loop": in_loop, "network": alone, "timings": (before, after)})
         before = after

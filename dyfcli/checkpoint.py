@@ -17,6 +17,10 @@ A checkpoint file is `torch.save` of a plain dict (tensors, numbers, strings, li
     dyf_version, torch_version
     state_dict      the network weights (EMA weights when EMA was on)
     interpolator    (forecaster only) the whole interpolator checkpoint dict, so model.pt alone forecasts
+    checksums       sha256 of every `state_dict` tensor (`tensors`) and of everything else in the dict
+                    (`payload`: config, statistics, numbers, strings, the embedded interpolator with its own
+                    checksums), verified at load: a flipped byte is exit 5, not a silently changed forecast.
+                    Files written before checksums existed load with a logged note.
 
 Training state for resuming (optimizer, step, RNG states, current weights) lives in `<out>.state.pt`
 (`save_training_state` / `load_training_state`), never in the inference checkpoint. Every save is atomic:
@@ -41,6 +45,7 @@ log = logging.getLogger("dyf")
 FORMAT = "dyf-checkpoint"
 FORMAT_VERSION = 1
 STATE_FORMAT = "dyf-training-state"
+CHECKSUMS = "checksums"
 DYFFUSION_KINDS = ("interpolator", "forecaster")
 BASELINE_KINDS = ("dropout", "perturbation", "ddpm")
 
@@ -65,10 +70,10 @@ class Checkpoint:
     format_version: int = FORMAT_VERSION
 
     def to_payload(self) -> dict[str, Any]:
-        """The plain dict that goes to `torch.save`."""
+        """The plain dict that goes to `torch.save`, with its `checksums`."""
         import torch
 
-        return _plain({
+        payload = _plain({
             "format": FORMAT,
             "format_version": self.format_version,
             "kind": self.kind,
@@ -85,6 +90,7 @@ class Checkpoint:
             "state_dict": self.state_dict,
             "interpolator": self.interpolator.to_payload() if self.interpolator is not None else None,
         })
+        return {**payload, CHECKSUMS: checksums(payload)}
 
     @staticmethod
     def from_payload(payload: dict[str, Any], source: str) -> Checkpoint:
@@ -100,6 +106,7 @@ class Checkpoint:
                                    "store", "state_dict") if key not in payload]
         if missing:
             raise CheckpointError(f"{source} lacks {', '.join(missing)}; it is damaged, re-train it")
+        verify_checksums(payload, source)
         inner = payload.get("interpolator")
         return Checkpoint(
             kind=payload["kind"], method=payload["method"], config=payload["config"],
@@ -133,6 +140,81 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------------------------ checksums
+
+def checksums(payload: dict[str, Any]) -> dict[str, Any]:
+    """sha256 of each `state_dict` tensor and of the rest of `payload` (tensors, numbers and strings alike).
+
+    torch does not check the bytes it reads back (a flipped bit in a tensor's storage loads as another
+    weight), so the file carries its own digests; `verify_checksums` recomputes them at load. The tensor
+    names go into the `payload` digest: pickle stores each name once for both dicts, so a flip in one
+    renames the tensor and its checksum entry alike.
+    """
+    rest = {key: value for key, value in payload.items() if key not in ("state_dict", CHECKSUMS)}
+    return {"algorithm": "sha256",
+            "tensors": {name: _digest(tensor) for name, tensor in payload["state_dict"].items()},
+            "payload": _digest([list(payload["state_dict"]), rest])}
+
+
+def verify_checksums(payload: dict[str, Any], source: str) -> None:
+    """CheckpointError (exit 5) naming `source` when a digest differs; a logged note when there are none."""
+    recorded = payload.get(CHECKSUMS)
+    if recorded is None:
+        log.info("%s has no checksums (written by dyf before they were recorded); its contents are not verified",
+                 source)
+        return
+    damaged = _mismatches(payload, recorded)
+    if damaged:
+        raise CheckpointError(f"{source} is damaged: its contents do not match the checksums recorded at save "
+                              f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); re-train it "
+                              "or restore a copy")
+
+
+def _mismatches(payload: dict[str, Any], recorded: Any) -> list[str]:
+    """The names of the parts whose digest differs from `recorded` (the checksums themselves included)."""
+    if not (isinstance(recorded, dict) and recorded.get("algorithm") == "sha256"
+            and isinstance(recorded.get("tensors"), dict) and isinstance(payload.get("state_dict"), dict)):
+        return ["the checksum record"]
+    expected, actual = recorded["tensors"], checksums(payload)
+    damaged = [f"state_dict.{name}" for name in sorted(set(expected) | set(actual["tensors"]))
+               if expected.get(name) != actual["tensors"].get(name)]
+    if recorded.get("payload") != actual["payload"]:
+        damaged.append("config, statistics or metadata")
+    return damaged
+
+
+def _digest(value: Any) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Feed a canonical byte form of a plain value to `digest`: a type tag, then sizes and contents, so
+    that no two different values (a list and a tuple aside, which `_plain` unifies) give the same bytes."""
+    if isinstance(value, dict):
+        digest.update(b"d%d:" % len(value))
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"l%d:" % len(value))
+        for item in value:
+            _feed(digest, item)
+    elif hasattr(value, "is_floating_point"):  # a tensor: dtype, shape, raw bytes
+        import torch
+
+        digest.update(f"t{value.dtype}{tuple(value.shape)}:".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, str):
+        encoded = value.encode("utf-8", "surrogatepass")
+        digest.update(b"s%d:" % len(encoded) + encoded)
+    elif isinstance(value, float):
+        digest.update(b"f" + value.hex().encode())
+    else:  # None, bool, int
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
 def _is_parameter(name: str, tensor: Any) -> bool:
     # BatchNorm statistics are buffers, not parameters; count floating tensors that are not running stats.
     return hasattr(tensor, "is_floating_point") and tensor.is_floating_point() and "running_" not in name
@@ -158,7 +240,17 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     atomic_torch_save(checkpoint.to_payload(), path)
 
 
-def _torch_load(path: Path, what: str) -> Any:
+_CHECKPOINT_FIX = "give the .pt file written by `dyf train-interpolator` or `dyf train-forecaster`"
+_DAMAGED_FIX = "re-train it or restore a copy"
+
+
+def _torch_load(path: Path, what: str, fix: str = _DAMAGED_FIX, other: str = _CHECKPOINT_FIX) -> Any:
+    """`torch.load(weights_only=True)`; CheckpointError saying what the file is and why it is refused.
+
+    `fix` ends the message for a damaged torch file, `other` the one for a file of another type.
+    """
+    import warnings
+
     import torch
 
     path = Path(path)
@@ -167,11 +259,63 @@ def _torch_load(path: Path, what: str) -> Any:
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file; give the .pt file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - on damaged bytes torch's unpickler raises any type (IndexError, ...)
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{what} {path} cannot be read ({first_line[:160]}); it is damaged or not a "
-                              "dyf checkpoint, re-train it or give another file") from None
+        raise CheckpointError(f"{what} {path} cannot be read: {_refusal(path, err, fix, other)}") from None
+
+
+# What the first bytes of a file say it is (the formats users hand to --ckpt by mistake).
+_NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"\x89HDF\r\n\x1a\n")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80
+
+
+def _refusal(path: Path, err: Exception, fix: str, other: str) -> str:
+    """One sentence: what the file is (sniffed from its first bytes), why torch refused it, and the fix."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    code = _unsafe_global(err)
+    if not head:
+        return f"the file is empty (0 bytes), e.g. left by an interrupted copy; {fix}"
+    if head.startswith(_NETCDF_MAGIC):
+        return f"it is a NetCDF/HDF5 data file, not a checkpoint (data files go to `dyf prepare netcdf`); {other}"
+    if code is not None:
+        return (f"it holds a pickle that asks to call {code}, which a checkpoint never does; refused without "
+                f"running it (use checkpoints from trusted sources only); {other}")
+    if head.startswith(_ZIP_MAGIC):
+        return f"it is a torch zip file with damaged contents ({_reason(err)}); {fix}"
+    if head[0] == _PICKLE_PROTOCOL:
+        return (f"it is a plain pickle, not the torch zip format dyf writes, and torch's safe loader refused it "
+                f"({_reason(err)}) without running it; {other}")
+    if _looks_like_text(head):
+        first = head.decode("utf-8", "replace").strip().splitlines()[0][:40] if head.strip() else ""
+        return f"it is a text file (starting {first!r}), not a checkpoint; {other}"
+    return f"it is neither a torch file nor a known data format (first bytes {head[:4].hex()}); {other}"
+
+
+def _unsafe_global(err: Exception) -> str | None:
+    """The global a refused pickle asked for (`posix.system`), when torch's weights-only unpickler names one."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def _reason(err: Exception) -> str:
+    """torch's error in a few words: its first informative line, never a cut sentence of its advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                             "Check the documentation", "In PyTorch"))]
+    text = (useful[0] if useful else type(err).__name__).rstrip(".")
+    return text if len(text) <= 80 else f"{type(err).__name__}"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 without control characters (the 512 bytes read may end inside a character)."""
+    text = head.decode("utf-8", "replace")
+    return text.count("\ufffd") <= 3 and all(char.isprintable() or char in "\t\r\n\ufffd" for char in text)
 
 
 def load_checkpoint(path: Path, expect_kind: str | tuple[str, ...] | None = None) -> Checkpoint:
@@ -182,6 +326,19 @@ def load_checkpoint(path: Path, expect_kind: str | tuple[str, ...] | None = None
         raise CheckpointError(f"{path} is a {checkpoint.kind} checkpoint, expected {' or '.join(expected)}"
                               f"{_kind_hint(checkpoint.kind, expected)}")
     return checkpoint
+
+
+def require_complete(checkpoint: Checkpoint, path: Path) -> None:
+    """Refuse the best-so-far checkpoint of a run that was stopped or killed (`training.complete` False).
+
+    Files without the flag (made outside `dyf train-*`, e.g. untrained test models) are not judged.
+    """
+    if checkpoint.training.get("complete", True) is not False:
+        return
+    command = "dyf train-interpolator" if checkpoint.kind == "interpolator" else "dyf train-forecaster"
+    raise CheckpointError(f"{path} is from an unfinished `{command}` run (stopped at step "
+                          f"{checkpoint.training.get('step', '?')}); re-run the same `{command} ... --out {path}` "
+                          f"command to finish it (it resumes from {state_path(Path(path))})")
 
 
 def _kind_hint(found: str, expected: tuple[str, ...]) -> str:
@@ -198,7 +355,8 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    state = _torch_load(path, "training state")
+    fix = "delete it or pass --overwrite to start over"
+    state = _torch_load(path, "training state", fix, fix)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a dyf training state; delete it or pass --overwrite to start over")
     return {key: value for key, value in state.items() if key not in ("format", "format_version")}

@@ -19,6 +19,7 @@ Sections (each dataclass documents its fields):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -194,6 +195,7 @@ class TrainingConfig:
         _require(self.grad_clip is None or self.grad_clip > 0, "training.grad_clip", self.grad_clip,
                  "a positive number or null")
         _require(all(0.0 <= b < 1.0 for b in self.betas), "training.betas", list(self.betas), "two numbers in [0, 1)")
+        _require(self.eps > 0, "training.eps", self.eps, "a positive number")
         _require(self.lr_schedule in LR_SCHEDULES, "training.lr_schedule", self.lr_schedule,
                  f"one of {', '.join(LR_SCHEDULES)}")
         _require(self.warmup_steps >= 0, "training.warmup_steps", self.warmup_steps, "0 or more")
@@ -474,6 +476,7 @@ def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
 
 def _scalar(annotation: Any, value: Any, key: str, source: str) -> Any:
     if annotation is Any:
+        _require_finite(value, key, source)
         return value
     if annotation is bool:
         if not isinstance(value, bool):
@@ -486,12 +489,26 @@ def _scalar(annotation: Any, value: Any, key: str, source: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _wrong(key, value, "a number", source)
+        _require_finite(value, key, source)
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
             _wrong(key, value, "a string", source)
         return value
     raise TypeError(f"config.py cannot convert {annotation!r} (key {key})")  # an internal invariant
+
+
+def _require_finite(value: Any, key: str, source: str) -> None:
+    """No setting is infinite or NaN (`--set interpolator.lr=.inf` once trained to NaN and exited 0); YAML's
+    `.inf`/`.nan` also hide in free-form mappings such as `network.hyper`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: config key {key} = {value!r} is invalid: expected a finite number")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _require_finite(item, f"{key}.{name}", source)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _require_finite(item, f"{key}[{index}]", source)
 
 
 def _wrong(key: str, value: Any, expected: str, source: str) -> None:

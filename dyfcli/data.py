@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dyfcli.errors import DataError, UsageError
-from dyfcli.store import DataStore, open_store
+from dyfcli.errors import DataError, DyfError, UsageError
+from dyfcli.store import DataStore, open_store, read_errors
 
 DAYS_IN_LEAP_YEAR = 366
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per field and process
@@ -51,18 +52,15 @@ class Normalizer:
 
     @classmethod
     def from_store(cls, store: DataStore) -> Normalizer:
-        """Load the `stats_mean_<field>` / `stats_std_<field>` arrays of an opened store into memory."""
+        """Stack the `stats_mean_<field>` / `stats_std_<field>` arrays of an opened store (`open_store`
+        read them into memory, checksums checked)."""
         mode = store.normalization
         channel_axis = {"global": 0, "pixel": 1, "pixel-dayofyear": 2}[mode]
 
-        import zarr
-
-        # zarr reads all chunks of an array in one concurrent call; through Dask a (366, S, Y, X)
-        # day-of-year array chunked per day costs seconds of task overhead.
-        group = zarr.open_group(str(store.path), mode="r")
-
         def stacked(stat: str) -> np.ndarray:
-            arrays = [np.asarray(group[f"stats_{stat}_{name}"][...], dtype=np.float32) for name in store.fields]
+            with read_errors(store.path, f"the {stat} statistics"):
+                arrays = [np.asarray(store.ds[f"stats_{stat}_{name}"].values, dtype=np.float32)
+                          for name in store.fields]
             return np.stack(arrays, axis=channel_axis)
 
         mean, std = stacked("mean"), stacked("std")
@@ -202,8 +200,9 @@ class WindowDataset(torch.utils.data.Dataset):
         series, start = (int(v) for v in self.windows[index])
         stop = start + self.length
         dynamics = np.empty((self.length, len(self.fields), *self.grid), dtype=np.float32)
-        for channel, array in enumerate(self._open()):
-            dynamics[:, channel] = array[series, start:stop]
+        with read_errors(self.store_path, f"the fields of series {series}, time steps {start}-{stop - 1}"):
+            for channel, array in enumerate(self._open()):
+                dynamics[:, channel] = array[series, start:stop]
         dynamics = self.normalizer.normalize(dynamics, series, np.arange(start, stop))
         dynamics[np.isnan(dynamics)] = 0.0
         return {"dynamics": torch.from_numpy(dynamics), "condition": torch.from_numpy(self.condition[series]),
@@ -225,6 +224,36 @@ class WindowDataset(torch.utils.data.Dataset):
         return state
 
 
+def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Iterate `loader`; when a batch fails, stop its worker processes and re-raise a dyf error as sent.
+
+    Torch re-raises a worker's exception with the worker's traceback folded into the message, which
+    would reach the user as a traceback: the one-line message is taken back out. The workers ignore
+    SIGTERM (`runtime.ignore_stop_signals`), so workers left running would keep the process from ever
+    exiting; they are shut down before the error leaves.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except DyfError as err:
+        message = _worker_message(err.message)
+        if message == err.message:
+            raise  # raised here, not in a worker
+        raise type(err)(message) from None
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_message(message: str) -> str:
+    """The original one-line message of "Caught X in DataLoader worker N. Original Traceback ... X: msg"."""
+    if not message.startswith("Caught ") or "Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _load_condition(store: DataStore) -> np.ndarray:
     """Static conditioning `(S, C_cond, Y, X)` float32 with NaN -> 0 (small: no time axis)."""
     series = int(store.ds.sizes["series"])
@@ -241,15 +270,15 @@ class ChunkFileReader:
 
     zarr-python 3 costs about 0.8 ms per indexing call plus 0.4 ms per chunk (event-loop hop and async
     codec pipeline), i.e. ~3.5 ms for an 8-step window at one step per chunk. Reading the chunk files
-    and decoding them here costs ~0.1 ms. Chunks never written (zarr 3 skips all-fill chunks) read as
-    the fill value, as in zarr. The most recent chunks (up to `cache_bytes`) are kept decoded; the store
-    is read-only while training. `chunk_reader` falls back to the zarr array for any other layout.
+    and decoding them here costs ~0.1 ms. dyf writes every chunk, so a missing chunk file is damage
+    (FileNotFoundError, as a failed checksum is a ValueError; readers map both with `store.read_errors`),
+    never fill values. The most recent chunks (up to `cache_bytes`) are kept decoded; the store is
+    read-only while training. `chunk_reader` falls back to the zarr array for any other layout.
     """
 
     def __init__(self, array, root: Path, decode, cache_bytes: int = CHUNK_CACHE_BYTES):
         self.shape, self.chunks = tuple(array.shape), tuple(array.chunks)
         self.dtype = np.dtype(array.dtype).newbyteorder("<" if decode.little_endian else ">")
-        self.fill_value = array.fill_value
         self.encode_key = array.metadata.encode_chunk_key
         self.root = root
         self.decode = decode
@@ -282,12 +311,28 @@ class ChunkFileReader:
         return block
 
     def _read(self, series: int, chunk: int) -> np.ndarray:
-        path = self.root / self.encode_key((series, chunk, 0, 0))
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return np.full(self.chunks[1:], self.fill_value, dtype=self.dtype)
+        raw = (self.root / self.encode_key((series, chunk, 0, 0))).read_bytes()
         return np.frombuffer(self.decode(raw), dtype=self.dtype).reshape(self.chunks[1:])
+
+
+class _Crc32cCheck:
+    """Zarr's `crc32c` codec, decoding only: check and strip the chunk's trailing 4-byte checksum.
+
+    The CRC of data followed by its own little-endian CRC-32C is always the constant `RESIDUE`, so the
+    whole chunk is checked in place, without copying the data out first (a third of the check's cost).
+    """
+
+    RESIDUE = 0x48674BC7
+
+    def __init__(self):
+        import google_crc32c
+
+        self.checksum = google_crc32c.value
+
+    def decode(self, raw: bytes) -> memoryview:
+        if len(raw) < 4 or self.checksum(raw) != self.RESIDUE:
+            raise ValueError("stored and computed crc32c checksums do not match")
+        return memoryview(raw)[:-4]
 
 
 class _BytesDecoder:
@@ -314,7 +359,7 @@ def chunk_reader(array):
 
 def _decoder_for(array) -> _BytesDecoder | None:
     import numcodecs
-    from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
     metadata = array.metadata
     codecs = list(getattr(metadata, "codecs", None) or [])
@@ -328,6 +373,8 @@ def _decoder_for(array) -> _BytesDecoder | None:
             byte_codecs.append(numcodecs.GZip())
         elif isinstance(codec, BloscCodec):
             byte_codecs.append(numcodecs.Blosc())
+        elif isinstance(codec, Crc32cCodec):
+            byte_codecs.append(_Crc32cCheck())
         else:
             return None
     endian = getattr(codecs[0].endian, "value", codecs[0].endian)

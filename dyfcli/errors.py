@@ -49,3 +49,9 @@ class Interrupted(DyfError):
 
     exit_code = 75
     kind = "interrupted"
+
+
+class Cancelled(Interrupted):
+    """Stopped by Ctrl-C (SIGINT) after saving state; re-running the same command resumes (exit 130)."""
+
+    exit_code = 130

@@ -52,22 +52,22 @@ class Inputs:
     init_index: np.ndarray  # (init,) truth time index of each initial time
     leads: np.ndarray  # indices of the forecast leads that have truth everywhere
     mask: np.ndarray  # (series, y, x) bool
+    forecast_path: Path | None = None
 
 
-def open_inputs(forecast_path: Path, truth_path: Path | None) -> Inputs:
-    """Open both stores and check that they describe the same fields, grid, series and times."""
-    import xarray as xr
-
+def open_inputs(forecast_path: Path, truth_path: Path | None, allow_other_truth: bool = False) -> Inputs:
+    """Open both stores and check that they describe the same fields, grid, series and times, and that the
+    truth is the data store the forecast was made from (unless `allow_other_truth`)."""
     from dyfcli.forecast_store import open_forecast
     from dyfcli.store import open_store
 
-    opened = open_forecast(forecast_path)  # validates: a complete dyf forecast store
-    # Read blocks without Dask: one chunk per (series, init) block, no task graph per read.
-    forecast = xr.open_zarr(opened.path, consolidated=None, chunks=None)
+    opened = open_forecast(forecast_path)  # validates: a complete, undamaged dyf forecast store
+    forecast = _fields_without_dask(opened.ds, opened.path, opened.fields)
     truth_path = _truth_path(forecast, Path(forecast_path), truth_path)
-    store = open_store(truth_path)
+    store = open_store(truth_path)  # validates: a finished, undamaged dyf data store
+    _check_same_truth(forecast, Path(forecast_path), store, allow_other_truth)
     _check_fields_and_grid(opened.fields, forecast, store)
-    truth = xr.open_zarr(truth_path, consolidated=None, chunks=None)
+    truth = _fields_without_dask(store.ds, truth_path, store.fields)
     series_index = _match_series(forecast, truth, truth_path)
     mask = truth["mask"].values[series_index].astype(bool)
     if "mask" in forecast.variables and not np.array_equal(forecast["mask"].values.astype(bool), mask):
@@ -75,7 +75,36 @@ def open_inputs(forecast_path: Path, truth_path: Path | None) -> Inputs:
                         "pass the --truth store the forecast was made from")
     time_index, init_index, leads = _match_valid_times(forecast, truth["time"].values, truth_path)
     return Inputs(forecast, truth, truth_path, opened.fields, store.normalization, series_index,
-                  time_index, init_index, leads, mask)
+                  time_index, init_index, leads, mask, Path(forecast_path))
+
+
+def _fields_without_dask(ds, path: Path, fields: list[str]):
+    """`ds` (its small arrays in memory, read and checked when opened) with the fields re-opened without
+    Dask: a read of one `(series, init)` block is one chunk, with no task graph per read."""
+    import xarray as xr
+
+    lazy = xr.open_zarr(path, consolidated=None, chunks=None)
+    return ds.assign({name: lazy[name] for name in fields})
+
+
+def _check_same_truth(forecast, forecast_path: Path, store, allow_other_truth: bool) -> None:
+    """Refuse a data store other than the one the forecast started from (another seed, another region of
+    the same schema would score without a word), unless told to."""
+    from dyfcli.store import store_id
+
+    recorded = forecast.attrs.get("dyf_truth_id")
+    if recorded is None:
+        log.debug("%s records no identity of its data store (an older dyf): not checked", forecast_path)
+        return
+    if recorded == store_id(store):
+        return
+    if allow_other_truth:
+        log.warning("scoring %s against %s, which is not the data store it was made from (%s)",
+                    forecast_path, store.path, forecast.attrs.get("dyf_truth"))
+        return
+    raise DataError(f"{store.path} is not the data store {forecast_path} was made from "
+                    f"({forecast.attrs.get('dyf_truth')}, id {recorded}; this one has id {store_id(store)}); "
+                    "pass that store as --truth, or add --allow-other-truth to score against this one")
 
 
 def _truth_path(forecast, forecast_path: Path, given: Path | None) -> Path:
@@ -172,17 +201,23 @@ class Block:
 
 
 def read_block(inputs: Inputs, field: str, series: int, init: int) -> Block:
+    """One block of the forecast and the truth it is scored against (damaged chunks: DataError, exit 4)."""
+    from dyfcli.forecast_store import FIX
+    from dyfcli.store import read_errors
+
     leads = inputs.leads
     truth_series = inputs.series_index[series]
-    ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)[:, leads]
+    with read_errors(inputs.forecast_path, f"{field!r} of series {series}, init {init}", FIX):
+        ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)[:, leads]
     mask = inputs.mask[series]
     if not np.isfinite(ensemble[..., mask]).all():
         log.warning("the forecast has non-finite values at valid points of series %d, init %d: "
                     "its scores will be NaN", series, init)
     truth_var = inputs.truth[field]
     times = inputs.time_index[init, leads]
-    truth = np.asarray(truth_var[truth_series, times].values, dtype=np.float32)
-    x0 = np.asarray(truth_var[truth_series, int(inputs.init_index[init])].values, dtype=np.float32)
+    with read_errors(inputs.truth_path, f"{field!r} of series {truth_series} at the forecast's times"):
+        truth = np.asarray(truth_var[truth_series, times].values, dtype=np.float32)
+        x0 = np.asarray(truth_var[truth_series, int(inputs.init_index[init])].values, dtype=np.float32)
     persistence = np.broadcast_to(x0, truth.shape)[None]
     climatology = _climatology(inputs, field, truth_series, times, truth.shape)[None]
     return Block(field, series, init, ensemble, truth, persistence, climatology, mask)
@@ -320,22 +355,28 @@ def scores_dataset(results: dict, inputs: Inputs, attrs: dict):
 
 
 def write_scores(ds, out: Path) -> None:
-    """Write the scores by extension, through a temporary name so a failure leaves no partial output."""
-    import shutil
+    """Write the scores by extension, marked `dyf_format = "dyf-scores"` (so a later --overwrite knows
+    them as dyf's), through a temporary name so a failure leaves no partial output; only an older dyf
+    scores output is ever replaced (`outputs.move_into_place`)."""
+    from dyfcli import outputs
 
     out = Path(out)
-    temporary = out.with_name(out.name + ".partial")
-    if temporary.exists():
-        shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
-    if out.suffix == ".nc":
-        ds.to_netcdf(temporary, engine="netcdf4")
-    elif out.suffix == ".zarr":
-        ds.to_zarr(temporary, mode="w")
+    ds = ds.assign_attrs(dyf_format=outputs.SCORES_FORMAT)
+    if out.suffix == ".zarr":
+        temporary = outputs.new_staging(outputs.staging_path(out))
+        ds.to_zarr(temporary, mode="a")  # "w" would clear the staging marker
+        outputs.unmark_staging(temporary)
     else:
-        _write_csv(ds, temporary)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    temporary.rename(out)
+        temporary = outputs.temporary_path(out)
+        try:
+            if out.suffix == ".nc":
+                ds.to_netcdf(temporary, engine="netcdf4")
+            else:
+                _write_csv(ds, temporary)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    outputs.move_into_place(temporary, out, outputs.SCORES)
 
 
 def _write_csv(ds, path: Path) -> None:
@@ -357,23 +398,60 @@ def _write_csv(ds, path: Path) -> None:
                     writer.writerow([source, field, "mean", "", metric, f"{float(mean):.8g}"])
 
 
-def check_outputs(out: Path | None, plots: Path | None) -> None:
+def check_outputs(out: Path | None, plots: Path | None, inputs: list = ()) -> None:
+    """--out: a scores file name in an existing folder; neither --out nor --plots may be or lie in an input."""
+    from dyfcli import outputs
+
     if out is not None:
         if Path(out).suffix not in OUTPUT_SUFFIXES:
             raise UsageError(f"--out {out}: use a name ending in .nc, .zarr or .csv")
-        if not Path(out).parent.exists():
-            raise UsageError(f"the folder of --out {out} does not exist; create {Path(out).parent} first")
-    if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
-        raise UsageError(f"--plots {plots} is a file; give a folder for the plots")
+        outputs.check_path(Path(out), folder=Path(out).suffix == ".zarr")
+        outputs.check_distinct(Path(out), inputs)
+    if plots is not None:
+        if Path(plots).exists() and not Path(plots).is_dir():
+            raise UsageError(f"--plots {plots} is a file; give a folder for the plots")
+        outputs.check_distinct(Path(plots), inputs, flag="--plots")  # plots only add files, never in an input
+
+
+def _recorded_truth(forecast_path: Path) -> Path | None:
+    """The data store a forecast names, read cheaply so the output checks know it before anything is
+    locked or written (None when unreadable: `open_inputs` then says what is wrong)."""
+    import zarr
+
+    try:
+        return _truth_path(zarr.open_group(str(forecast_path), mode="r"), forecast_path, None)
+    except Exception:  # noqa: BLE001 - any failure is reported by open_inputs with its exit code
+        return None
+
+
+def _claim_scores(out: Path | None, overwrite: bool, inputs: list):
+    """The lock on --out for the whole evaluation (nothing to claim without --out)."""
+    from contextlib import nullcontext
+
+    from dyfcli import outputs
+
+    if out is None:
+        return nullcontext()
+    return outputs.claim_output(Path(out), outputs.SCORES, overwrite=overwrite, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------------------------- workflow
 
 def evaluate(forecast_path: Path, truth_path: Path | None = None, out: Path | None = None,
-             plots: Path | None = None, seed: int = 0) -> dict:
-    """Score `forecast_path` against its data store; write `out` and `plots` when given; return the summary."""
-    check_outputs(out, plots)
-    inputs = open_inputs(Path(forecast_path), Path(truth_path) if truth_path else None)
+             plots: Path | None = None, seed: int = 0, *, overwrite: bool = False,
+             allow_other_truth: bool = False) -> dict:
+    """Score `forecast_path` against its data store; write `out` (replacing only dyf scores, with
+    `overwrite`) and `plots` when given; return the summary."""
+    given = [forecast_path, truth_path or _recorded_truth(Path(forecast_path))]
+    check_outputs(out, plots, given)
+    with _claim_scores(out, overwrite, given):
+        return _evaluate(forecast_path, truth_path, out, plots, seed, allow_other_truth)
+
+
+def _evaluate(forecast_path: Path, truth_path: Path | None, out: Path | None, plots: Path | None,
+              seed: int, allow_other_truth: bool = False) -> dict:
+    inputs = open_inputs(Path(forecast_path), Path(truth_path) if truth_path else None, allow_other_truth)
+    check_outputs(out, plots, [inputs.truth_path])  # the data store the forecast names
     results, example, stats = score(inputs, seed=seed, keep_example=plots is not None)
     leads, lead_times, unit = lead_axis(inputs)
     summary = {

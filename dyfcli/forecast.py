@@ -19,6 +19,14 @@ store, the pending blocks are dealt round-robin and rank 0 marks the store compl
 Randomness: member `m` of block `(series s, init time t)` draws from
 `MemberNoise.for_members(seed, [member_id(s, t, m)])`, folded once per autoregressive window, so the
 forecast does not depend on `--member-batch`, on which other blocks run, or on the number of ranks.
+
+Arithmetic: CPU kernels (oneDNN convolutions, MKL matmuls) pick their blocking and algorithm by batch
+size, so the same member computed in a batch of 1, 7 or 48 differed in the last bits (up to 1.1e-5 after
+a long rollout). On CPU every network call therefore has the same number of rows for a given ensemble
+size, whatever `--member-batch`: members run in groups of at most CPU_GROUP (`member_groups`), the
+last one padded with copies of its last member. A member's numbers then do not depend on its row, so
+forecasts are bit-identical for any `--member-batch` (same machine and thread count). On CUDA,
+`--member-batch` sets the rows (cuDNN autotuning is per shape anyway): members agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -36,10 +44,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dyfcli import forecast_store
+from dyfcli import forecast_store, outputs
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
 from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, launch_rank, resolve_device,
                             stop_signals)
+from dyfcli.store import read_errors, store_id
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +61,10 @@ log = logging.getLogger("dyf.forecast")
 _MEMBER_BITS = 20
 _TIME_BITS = 26
 _SERIES_LIMIT = 1 << (63 - _MEMBER_BITS - _TIME_BITS)
+
+# Members per network call on CPU. Per member, batches of 4-16 run about as fast as larger ones for
+# paper-sized networks (compute-bound); tiny networks lose some of their per-call overhead savings.
+CPU_GROUP = 8
 
 
 # ----------------------------------------------------------------------------------------------- request
@@ -93,12 +106,14 @@ def check_request(request: ForecastRequest) -> None:
         raise UsageError("--overwrite and --resume contradict each other; pass only one")
     if request.output_times is not None and not request.output_times:
         raise UsageError("--output-times is empty; give lead times such as 0.5,1,1.5 or leave it out")
-    if not Path(request.out).parent.exists():
-        raise UsageError(f"the folder of --out {request.out} does not exist; create {Path(request.out).parent} first")
+    outputs.check_path(Path(request.out), folder=True)
+    outputs.check_distinct(Path(request.out), [request.checkpoint, request.data])
     # Checked again by rank 0 when it creates the store; other ranks may see rank 0's new store here.
     if Path(request.out).exists() and not (request.overwrite or request.resume) and launch_rank() == 0:
-        raise UsageError(f"{request.out} already exists; pass --resume to continue that forecast or "
-                         "--overwrite to replace it")
+        raise UsageError(f"{request.out} already exists; {_EXISTS_HINT} or choose another --out")
+
+
+_EXISTS_HINT = "pass --resume to continue that forecast or --overwrite to replace it"
 
 
 # ----------------------------------------------------------------------------------------------- initial conditions
@@ -347,20 +362,37 @@ def _window_to_physical(out: torch.Tensor, inputs: BlockInputs, positions: np.nd
     return physical
 
 
+def member_groups(members: int, member_batch: int, device) -> tuple[list[range], int | None]:
+    """The members that run through the networks together, and the rows every call has (None: as many as
+    the group's members).
+
+    CPU: groups of at most CPU_GROUP, as equal as possible (so padding wastes fewer rows than there are
+    groups), whatever `member_batch`, with a fixed row count: see the module docstring. Elsewhere:
+    `member_batch` members at a time."""
+    if device.type == "cpu":
+        size = -(-members // -(-members // CPU_GROUP))
+        return [range(first, min(first + size, members)) for first in range(0, members, size)], size
+    return [range(first, min(first + member_batch, members)) for first in range(0, members, member_batch)], None
+
+
 def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, *, seed: int,
                    members: int, member_batch: int, device, counter: Counter, calls_per_window: int,
                    bf16: bool = False) -> np.ndarray:
-    """All members of one block, `member_batch` at a time: `(M, L, C, Y, X)` float32 physical units."""
+    """All members of one block, group by group (`member_groups`): `(M, L, C, Y, X)` float32 physical units."""
     import torch
 
     from dyfcli.noise import MemberNoise
 
+    groups, rows = member_groups(members, member_batch, device)
     parts = []
-    for first in range(0, members, member_batch):
-        ids = member_ids(inputs.series_index, inputs.time_index, range(first, min(first + member_batch, members)))
+    for group in groups:
+        ids = member_ids(inputs.series_index, inputs.time_index, group)
+        padding = (rows or len(group)) - len(group)
+        ids = torch.cat([ids, ids[-1:].repeat(padding)])  # copies of the last member, dropped below
         noise = MemberNoise.for_members(seed, ids.to(device))
         with torch.inference_mode():  # no autograd bookkeeping at all: outputs only go to disk
-            parts.append(rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window, bf16).cpu())
+            out = rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window, bf16)
+        parts.append(out[:len(group)].cpu())
     return torch.cat(parts, dim=0).numpy()
 
 
@@ -503,7 +535,9 @@ class StoreInputs:
         import torch
 
         mask, static_cond, boundary = self._series_inputs(series_index)
-        physical = np.stack([np.asarray(array[series_index, time_index], dtype=np.float32) for array in self._arrays])
+        with read_errors(self.store.path, f"the initial condition of series {series_index}, time index {time_index}"):
+            physical = np.stack([np.asarray(array[series_index, time_index], dtype=np.float32)
+                                 for array in self._arrays])
         day = self._store_days[[time_index]] if self._by_day else None
         x0 = self.normalizer.normalize_at(torch.from_numpy(physical)[None].to(self.device), series_index, day)[0]
         x0 = torch.where(mask & torch.isfinite(x0), x0, torch.zeros((), device=self.device))
@@ -526,9 +560,11 @@ class StoreInputs:
         from dyfcli.boundary import boundary_for
 
         if series_index not in self._series:
-            self._series[series_index] = (torch.from_numpy(self._masks[series_index]).to(self.device),
-                                          static_condition(self.store, series_index).to(self.device),
-                                          boundary_for(self.store, series_index))
+            # the boundary reads the first frame of some fields (spring mesh): a damaged chunk is exit 4
+            with read_errors(self.store.path, f"the boundary inputs of series {series_index}"):
+                self._series[series_index] = (torch.from_numpy(self._masks[series_index]).to(self.device),
+                                              static_condition(self.store, series_index).to(self.device),
+                                              boundary_for(self.store, series_index))
         return self._series[series_index]
 
 
@@ -581,6 +617,7 @@ def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrit
 
 
 def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> None:
+    outputs.check_distinct(out, [layout.attrs.get("dyf_truth")])  # the data store the checkpoint named
     if not out.exists():
         forecast_store.create(out, layout)
         return
@@ -615,7 +652,14 @@ class ForecastJob:
 
 
 def run_forecast(request: ForecastRequest) -> dict:
-    """The whole `dyf forecast` run; returns a JSON-ready summary."""
+    """The whole `dyf forecast` run, holding the lock on `--out` throughout; returns a JSON-ready summary."""
+    check_request(request)
+    with outputs.claim_output(request.out, outputs.FORECAST, overwrite=request.overwrite, resume=request.resume,
+                              inputs=[request.checkpoint, request.data], hint=_EXISTS_HINT):
+        return _run_forecast(request)
+
+
+def _run_forecast(request: ForecastRequest) -> dict:
     job = prepare_job(request)
     started = time.monotonic()
     with distributed(backend="gloo") as ranks:  # barriers and flags only: gloo, whatever the device
@@ -655,12 +699,13 @@ def _summary(request: ForecastRequest, job: ForecastJob, done: np.ndarray, writt
 
 def prepare_job(request: ForecastRequest) -> ForecastJob:
     """Check flags, checkpoint and data (cheap checks first), load the model and lay out the store."""
-    from dyfcli.checkpoint import check_compatible, load_checkpoint
+    from dyfcli.checkpoint import check_compatible, load_checkpoint, require_complete
     from dyfcli.data import Normalizer
     from dyfcli.store import open_store
 
     check_request(request)
     checkpoint = load_checkpoint(Path(request.checkpoint))
+    require_complete(checkpoint, Path(request.checkpoint))  # a killed run's best-so-far is not the model
     store = open_store(_data_path(request, checkpoint))
     check_compatible(checkpoint, store)
     init = select_initial_conditions(store, request.split, request.init, request.horizon)
@@ -725,6 +770,7 @@ def _store_attrs(request: ForecastRequest, checkpoint, store, method: Method, ca
                  sha: str) -> dict:
     return {
         "dyf_truth": str(Path(store.path).resolve()),
+        "dyf_truth_id": store_id(store),  # `dyf evaluate` refuses another data store of the same schema
         "dyf_split": request.split,
         "dyf_init_selection": request.init or "default",
         "dyf_checkpoint": str(Path(request.checkpoint).resolve()),

@@ -10,13 +10,16 @@ The whole schema is created up front with empty arrays; the forecast then region
 `(series, init)` block at a time (chunks never straddle blocks, so ranks write independently) and sets
 `done[series, init]` after each. Only when every block is written does the attribute `dyf_complete`
 become true, so readers (`open_forecast`) refuse a store that an interrupted job left behind.
+
+Integrity (as for data stores, `store.py`): every chunk carries a crc32c checksum; readers refuse a store
+missing a field chunk of a block marked done or any chunk of the other arrays, and a resume rewrites a
+done block whose chunk is gone.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dyfcli import __version__
+from dyfcli import __version__, outputs
 from dyfcli.errors import DataError
+from dyfcli.runtime import fault_point
+from dyfcli.store import check_chunks, checksummed, missing_chunks, open_array, read_errors, verify_chunks
 
 # Consolidated metadata on purpose (one read instead of one per array), as the data store does.
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
@@ -34,6 +39,7 @@ _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
 FORMAT = "dyf-forecast"
 FORMAT_VERSION = 1
 FIELD_DIMS = ("series", "init", "member", "lead", "y", "x")
+FIX = "re-run the same `dyf forecast` command with --overwrite"
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,8 @@ def _dataset(layout: ForecastLayout):
         ds[name] = (FIELD_DIMS, dsa.full(shape, np.nan, dtype=np.float32, chunks=chunks),
                     dict(layout.field_attrs.get(name, {})))
     ds["mask"] = (("series", "y", "x"), np.asarray(mask.values, dtype=bool))
-    ds["done"] = (("series", "init"), dsa.zeros((n_series, n_init), dtype=bool, chunks=(1, 1)))
+    # Written now, every chunk: a `done` chunk missing later was deleted (store.py, integrity).
+    ds["done"] = (("series", "init"), np.zeros((n_series, n_init), dtype=bool))
     ds.attrs.update(jsonable(layout.attrs))
     ds.attrs.update({
         "dyf_format": FORMAT,
@@ -101,16 +108,29 @@ def _dataset(layout: ForecastLayout):
 
 
 def create(path: Path, layout: ForecastLayout) -> None:
-    """Create the full, empty schema at `path` (replacing whatever is there)."""
+    """Create the full, empty schema at `path`, replacing an older dyf forecast store only.
+
+    The schema is built in a dyf-marked staging folder and renamed into place, so a kill at any point
+    leaves either no store (the staging folder is dyf's and the next run removes it) or a whole one that
+    `--resume` continues.
+    """
     path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+    staging = outputs.new_staging(outputs.staging_path(path))
+    _write_schema(staging, layout)
+    fault_point("forecast.schema_staged")
+    outputs.unmark_staging(staging)
+    outputs.move_into_place(staging, path, outputs.FORECAST)
+
+
+def _write_schema(path: Path, layout: ForecastLayout) -> None:
+    """Coordinates, mask and empty arrays (mode "a": keeps the staging marker)."""
     ds, chunks = _dataset(layout)
     encoding = {name: {"chunks": chunks, "fill_value": np.nan} for name in layout.fields}
     encoding["done"] = {"chunks": (1, 1), "fill_value": False}
+    encoding = checksummed(ds, encoding)  # crc32c on every chunk, every chunk written (store.py, integrity)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
-        ds.to_zarr(path, mode="w", compute=False, encoding=encoding, consolidated=True)
+        ds.to_zarr(path, mode="a", compute=False, encoding=encoding, consolidated=True)
 
 
 class BlockWriter:
@@ -120,12 +140,24 @@ class BlockWriter:
         import zarr
 
         self.path = Path(path)
-        self._group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
-        self.fields = list(self._group.attrs["dyf_fields"])
+        with read_errors(self.path, "its metadata", FIX):
+            self._group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
+            self.fields = list(self._group.attrs["dyf_fields"])
 
     def done(self) -> np.ndarray:
-        """`(series, init)` bool: which blocks are already written."""
-        return np.asarray(self._group["done"][...], dtype=bool)
+        """`(series, init)` bool: which blocks are already written.
+
+        A block marked done whose field chunk is missing (deleted) counts as not done, so that a resume
+        writes it again instead of leaving fill values in a store marked complete.
+        """
+        with read_errors(self.path, "'done'", FIX):
+            done = np.asarray(self._group["done"][...], dtype=bool)
+        for name in self.fields:
+            with read_errors(self.path, f"the metadata of {name!r}", FIX):
+                array = self._group[name]
+            for position in missing_chunks(array, _block_positions(done, array.ndim)):
+                done[position[:2]] = False
+        return done
 
     def write(self, series_position: int, init_position: int, block: np.ndarray) -> None:
         """Write one block `(member, lead, channel, y, x)` float32, physical units, then mark it done."""
@@ -206,8 +238,9 @@ def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
     """Set `dyf_complete` (after checking every block is done) and re-consolidate the metadata."""
     import zarr
 
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    done = np.asarray(group["done"][...], dtype=bool)
+    with read_errors(path, "'done'", FIX):
+        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        done = np.asarray(group["done"][...], dtype=bool)
     if not done.all():
         raise DataError(f"{path}: {int((~done).sum())} of {done.size} blocks are not written; "
                         "re-run the same `dyf forecast` command with --resume")
@@ -222,7 +255,8 @@ def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
 
 @dataclass
 class ForecastStore:
-    """An opened, validated, complete forecast store. `ds` is lazy (Dask-backed)."""
+    """An opened, validated, complete forecast store. `ds` holds every array but the fields in memory;
+    the fields are lazy (Dask-backed)."""
 
     path: Path
     ds: object  # xr.Dataset
@@ -241,7 +275,9 @@ class ForecastStore:
         return int(self.ds.sizes["member"])
 
 
-def _open_dataset(path: Path):
+def _open_dataset(path: Path, check: bool = True):
+    """Open and check the format; with `check`, read every array but the fields (checksums checked) and
+    refuse a missing chunk file: of any array but the fields, and of the fields in every block marked done."""
     import xarray as xr
 
     path = Path(path)
@@ -257,7 +293,49 @@ def _open_dataset(path: Path):
                         "create one with `dyf forecast`")
     if int(ds.attrs.get("dyf_format_version", 0)) > FORMAT_VERSION:
         raise DataError(f"{path} was written by a newer dyf (format {ds.attrs['dyf_format_version']}); upgrade dyf")
+    if not check:
+        return ds
+    fields = set(ds.attrs.get("dyf_fields", []))
+    for name, variable in ds.variables.items():
+        if name not in fields:
+            with read_errors(path, repr(name), FIX):
+                variable.load()  # in place: later reads come from memory
+    if "done" in ds.variables:
+        done = np.asarray(ds["done"].values, dtype=bool)
+        check_chunks(path, ds.variables, FIX, _required_chunks(done, ds.attrs))
     return ds
+
+
+def _required_chunks(done: np.ndarray, attrs: dict):
+    """`required(name, array)` for `store.check_chunks`: field chunks of the blocks marked done; every chunk
+    of the other arrays (of `done` only once the store is complete: older dyf wrote it block by block)."""
+    fields = set(attrs.get("dyf_fields", []))
+    complete = bool(attrs.get("dyf_complete", False))
+
+    def required(name: str, array) -> list[tuple[int, ...]] | None:
+        if name in fields:
+            return _block_positions(done, array.ndim)
+        if name == "done" and not complete:
+            return []
+        return None
+
+    return required
+
+
+def _block_positions(done: np.ndarray, ndim: int) -> list[tuple[int, ...]]:
+    """Chunk grid positions of the done blocks in a field array (one chunk per `(series, init)` block)."""
+    return [(int(s), int(i)) + (0,) * (ndim - 2) for s, i in zip(*np.nonzero(done))]
+
+
+def verify(path: Path | str) -> dict:
+    """Read every chunk a forecast store must have (`dyf inspect --verify`); DataError listing damage."""
+    path = Path(path)
+    ds = _open_dataset(path, check=False)  # damage is listed by verify_chunks, not refused one by one
+    try:
+        done = np.asarray(open_array(path, "done")[...], dtype=bool)
+    except Exception:  # noqa: BLE001 - `done` is damaged (listed below): check every block of a complete store
+        done = np.full(ds["done"].shape, bool(ds.attrs.get("dyf_complete", False)))
+    return verify_chunks(path, sorted(ds.variables), FIX, _required_chunks(done, ds.attrs))
 
 
 def open_forecast(path: Path | str) -> ForecastStore:
@@ -277,7 +355,7 @@ def describe(path: Path | str) -> dict:
     """A JSON-ready summary for `dyf inspect` (works on incomplete stores too)."""
     path = Path(path)
     ds = _open_dataset(path)
-    done = np.asarray(ds["done"].values, dtype=bool)
+    done = np.asarray(ds["done"].values, dtype=bool)  # in memory (read by _open_dataset)
     init_time = ds["init_time"].values
     attrs = ds.attrs
     return {

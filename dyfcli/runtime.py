@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -332,31 +332,110 @@ def distributed(backend: str | None = None) -> Iterator[Ranks]:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
-@contextmanager
-def stop_signals(action: str) -> Iterator[Callable[[], bool]]:
-    """Turn SIGTERM/SIGUSR1 into a flag the caller polls at a safe point: yields `stop_requested()`.
+class StopRequest:
+    """The flag `stop_signals` yields: call it to poll; `signal_name` says which signal asked first."""
 
-    `action` completes the warning logged at the first signal ("received SIGTERM: <action>"). Python
-    delivers signals to the main thread only, so elsewhere no handler is installed and the flag stays False.
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+
+# Set (for the life of the process) by the first stop signal a `stop_signals` block receives: from then on
+# the process is saving its state and exiting, and `stop_signals_outside` ignores further signals instead
+# of cutting that short (a second SIGTERM once exited -15 after the state was saved, not 75).
+_STOPPING = StopRequest()
+
+
+@contextmanager
+def stop_signals(action: str, sigint: bool = False) -> Iterator[StopRequest]:
+    """Turn SIGTERM/SIGUSR1 (and SIGINT when `sigint`) into a flag the caller polls at a safe point.
+
+    Yields a `StopRequest`: `stop_requested()` is True once a signal came. `action` completes the warning
+    logged at the first signal ("received SIGTERM: <action>"); later signals are logged and change nothing.
+    Python delivers signals to the main thread only, so elsewhere no handler is installed and the flag
+    stays False.
     """
-    requested = {"stop": False}
+    requested = StopRequest()
 
     def request_stop(signum: int, _frame) -> None:
-        if not requested["stop"]:
-            log.warning("received %s: %s", signal.Signals(signum).name, action)
-        requested["stop"] = True
+        name = signal.Signals(signum).name
+        if requested():
+            log.warning("received %s again: still %s", name, action)
+            return
+        log.warning("received %s: %s", name, action)
+        requested.signal_name = name
+        _STOPPING.signal_name = _STOPPING.signal_name or name
 
+    numbers = STOP_SIGNALS + ((signal.SIGINT,) if sigint and _sigint_wanted() else ())
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+        previous = {number: signal.signal(number, request_stop) for number in numbers}
     try:
-        yield lambda: requested["stop"]
+        yield requested
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
+class Terminated(BaseException):
+    """SIGTERM/SIGUSR1 outside a `stop_signals` block (start-up, or a command that saves nothing): stop now.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception` clean-up code does not swallow it.
+    `exit_code` follows the shell's convention for a process ended by a signal: 128 + the signal number.
+    """
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
+        super().__init__(self.signal_name)
+
+
+@contextmanager
+def stop_signals_outside() -> Iterator[None]:
+    """For the whole of a command: a stop signal outside any `stop_signals` block raises `Terminated`
+    (SIGINT keeps raising KeyboardInterrupt), so the CLI still prints its error line (and JSON document)
+    and exits with a documented code instead of dying silently; once a `stop_signals` block is saving
+    state after a first signal, further signals are ignored so that its exit 75 (or 130) stands."""
+
+    def stop(signum: int, _frame) -> None:
+        if _STOPPING():
+            log.warning("received %s again: already stopping after saving the state", signal.Signals(signum).name)
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _STOPPING.signal_name = None  # a new command (tests run several in one process)
+    numbers = (*STOP_SIGNALS, signal.SIGINT) if _sigint_wanted() else STOP_SIGNALS
+    previous = {number: signal.signal(number, stop) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            # Once stopping, the process is about to exit with its code: a late signal must not cut that short.
+            signal.signal(number, signal.SIG_IGN if _STOPPING() else handler)
+
+
+def _sigint_wanted() -> bool:
+    """False when SIGINT was ignored when we started (a background job of a shell script): keep it so."""
+    return signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """Leave the stop signals to the main process (a DataLoader `worker_init_fn`: SLURM signals every process)."""
-    for number in STOP_SIGNALS:
+    """Leave the stop signals (and Ctrl-C, which a terminal sends to every process of the job) to the main
+    process (a DataLoader `worker_init_fn`: SLURM signals every process)."""
+    for number in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(number, signal.SIG_IGN)
+
+
+def fault_point(name: str) -> None:
+    """Test hook: die here (SIGKILL) when DYF_FAULT_KILL_AT names this point; a no-op otherwise."""
+    if os.environ.get("DYF_FAULT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("DYF_FAULT_SIGTERM_AT") == name:  # handled before os.kill returns: a signal at this point
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -6,7 +6,9 @@ What happens, in order (`_fit` reads top to bottom, nanoGPT style):
    (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT); gloo on CPU, nccl on GPU
    (`runtime.distributed`, shared with `dyf forecast`).
 2. Decide between a fresh start and a resume: `<out>.state.pt` present -> continue from it (same command,
-   same settings); `--out` present without a state file -> refuse unless `--overwrite`.
+   same settings); `--out` present without a state file -> refuse unless `--overwrite`. A fresh run saves
+   its state file (step 0) before anything else, so `--out` never exists without one until the run is
+   finished: a kill -9 at any point leaves a run the same command resumes.
 3. Windows of length h + 1 from the store's `train` split (DistributedSampler, seeded per epoch) and an
    evenly spaced subset of the `val` split.
 4. AdamW (betas (0.9, 0.99)), gradient accumulation, global-norm clipping, optional EMA and cosine LR
@@ -14,7 +16,10 @@ What happens, in order (`_fit` reads top to bottom, nanoGPT style):
 5. Every `validate_every` steps (or epoch): ensemble CRPS on the validation windows; the best network
    so far is saved atomically to `--out` (selection by CRPS, as the paper does).
 6. SIGTERM or SIGUSR1 (SLURM's warning before the time limit; `runtime.stop_signals`): finish the
-   optimiser step, save the training state, exit 75 (`Interrupted`); re-running the same command resumes.
+   optimiser step, save the training state, exit 75 (`Interrupted`); Ctrl-C (SIGINT) does the same and
+   exits 130 (`Cancelled`); re-running the same command resumes. Further signals while stopping are ignored.
+7. A non-finite training loss, validation CRPS or weight stops the run (exit 4, `_require_finite`) before
+   anything non-finite is saved: the state file on disk stays the last finite one.
 
 Data parallelism: gradients are averaged with one flat all-reduce per optimiser step instead of wrapping
 the network in DistributedDataParallel, because the forecaster loss calls the network twice and
@@ -34,7 +39,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -46,13 +50,14 @@ import torch
 from torch import nn
 
 from dyfcli import checkpoint as ckpt
+from dyfcli import outputs
 from dyfcli.config import RunConfig, apply_overrides, config_from_dict, load_config, read_preset, to_yaml
-from dyfcli.errors import ConfigError, DataError, Interrupted, UsageError
+from dyfcli.errors import Cancelled, ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
                           load_weights, members_first, repeat_members)
 from dyfcli.noise import MemberNoise
-from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, ignore_stop_signals,
-                            resolve_device, stop_signals)
+from dyfcli.runtime import (Ranks, StopRequest, configure_device, cuda_speedups, distributed, fault_point,
+                            ignore_stop_signals, resolve_device, stop_signals)
 
 log = logging.getLogger("dyf")
 
@@ -172,7 +177,7 @@ def train_interpolator(data: Path | str, out: Path | str, config: RunConfig, *, 
                        overwrite: bool = False) -> dict:
     """Train DYffusion's stage 1 on `data` with `config` (`config.load_config`); the best interpolator by
     validation CRPS goes to `out`."""
-    with distributed() as ranks:
+    with _claim_output(Path(out), overwrite, [data]), distributed() as ranks:
         return _fit("interpolator", config, Path(data), Path(out), None, device, overwrite, ranks)
 
 
@@ -193,12 +198,13 @@ def train_forecaster(data: Path | str, out: Path | str, *, interpolator: Path | 
             raise UsageError("train-forecaster --method dyffusion needs --interpolator interpolator.pt "
                              "(from `dyf train-interpolator`)")
         stage1 = ckpt.load_checkpoint(Path(interpolator), expect_kind="interpolator")
+        ckpt.require_complete(stage1, Path(interpolator))
         config = forecaster_config(stage1, preset, overrides)
     else:
         if interpolator is not None:
             log.warning("--interpolator is ignored by the %s baseline", method)
         config = load_config(preset, overrides)
-    with distributed() as ranks:
+    with _claim_output(Path(out), overwrite, [data, interpolator]), distributed() as ranks:
         return _fit(method, config, Path(data), Path(out), stage1, device, overwrite, ranks)
 
 
@@ -233,6 +239,7 @@ class Run:
     template: dict[str, Any]  # checkpoint fields shared by every save
     run_dir: Path
     mask: torch.Tensor  # (S, Y, X) bool, valid points of the store
+    saved_step: int | None = None  # the step of the training state on disk, if any
 
 
 @dataclass
@@ -254,6 +261,7 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     started = time.monotonic()
     run, train_set, val_set, state = _open_run(method_name, config, data, out, interpolator, device_spec,
                                                overwrite, ranks)
+    fault_point("train.started")
     device, stage = run.device, run.stage
     torch.manual_seed(config.training.seed)  # identical initial weights on every rank
     method = build_method(method_name, config, len(train_set.fields), len(train_set.cond_names), interpolator)
@@ -267,9 +275,11 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     progress = Progress()
     if state is not None:
         progress = _restore(state, network, optimizer, ema)
+        run.saved_step = progress.step
         log.info("resuming %s training from step %d (epoch %d)", run.kind, progress.step, progress.epoch)
     ranks.broadcast_module(network)
     _write_run_files(run, resumed=state is not None)
+    fault_point("train.run_files_written")
 
     training = config.training
     bf16 = cuda_speedups([network], device, bf16=training.bf16, compile=training.compile,
@@ -284,11 +294,17 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     def validate_and_save_state() -> None:
         _validate(run, method, val_set, progress, ema, stop_requested)
         _save_training_state(run, network, optimizer, ema, progress)  # a later crash resumes from here
+        fault_point("train.state_saved")
         if ranks.any(stop_requested()):
-            _interrupt(run, progress)
+            _interrupt(run, progress, stop_requested)
 
-    stopping = stop_signals("saving the training state after this step")
+    stopping = stop_signals("saving the training state after this step", sigint=True)
     with stopping as stop_requested, _progress_bar(run, total_steps - progress.step) as bar:
+        if state is None:
+            # A state file from the start: `--out` never exists without one, so a kill between saving the
+            # best checkpoint and the state (or anywhere else) leaves a run the same command resumes.
+            _save_training_state(run, network, optimizer, ema, progress)
+            fault_point("train.initial_state_saved")
         if state is not None and state.get("pending_validation"):
             validate_and_save_state()
         micro_in_step, loss_sum, loss_count, shown = 0, torch.zeros((), device=device), 0, {}
@@ -311,14 +327,16 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
                 progress.step += 1
                 micro_in_step = 0
                 if progress.step % config.training.log_every == 0 or progress.step == total_steps:
-                    shown = _log_step(run, progress, ranks.mean(loss_sum / max(loss_count, 1)), learning_rate, extra)
+                    mean_loss = ranks.mean(loss_sum / max(loss_count, 1))
+                    _require_finite(run, progress, "the training loss", float(mean_loss))
+                    shown = _log_step(run, progress, mean_loss, learning_rate, extra)
                     loss_sum, loss_count = torch.zeros((), device=device), 0
                 bar.advance(1, **shown)
                 if config.training.validate_every and progress.step % config.training.validate_every == 0:
                     validate_and_save_state()
                 if ranks.any(stop_requested()):
                     _save_training_state(run, network, optimizer, ema, progress)
-                    _interrupt(run, progress)
+                    _interrupt(run, progress, stop_requested)
                 if progress.step >= total_steps or _patience_exhausted(run, progress):
                     break
             if progress.micro_done >= micro_per_epoch:  # the epoch is complete
@@ -329,7 +347,7 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
                 break
         if progress.last_validated_step != progress.step:
             validate_and_save_state()  # a signal during this last validation still saves and exits 75
-    return _finish(run, network, ema, progress, resumed_from, started)
+        return _finish(run, network, ema, progress, resumed_from, started)  # a signal now: finish, exit 0
 
 
 def _optimizer_step(network: nn.Module, optimizer: torch.optim.Optimizer, ema: Ema | None, ranks: Ranks,
@@ -429,15 +447,20 @@ def _train_loader(train_set, config: RunConfig, ranks: Ranks, pin_memory: bool):
     """`loader_for_epoch(epoch, micro_done)` and the number of micro-batches per epoch on this rank."""
     from torch.utils.data import DataLoader, DistributedSampler
 
+    from dyfcli.data import loader_batches
+
     sampler = DistributedSampler(train_set, num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
                                  seed=config.training.seed, drop_last=False)
     batch_size = config.data.batch_size
 
-    def loader_for_epoch(epoch: int, micro_done: int) -> DataLoader:
+    def loader_for_epoch(epoch: int, micro_done: int) -> Iterator[dict]:
         sampler.set_epoch(epoch)
-        return DataLoader(train_set, batch_size=batch_size, sampler=_SkipSampler(sampler, micro_done * batch_size),
-                          num_workers=config.data.num_workers, pin_memory=pin_memory, drop_last=False,
-                          worker_init_fn=ignore_stop_signals if config.data.num_workers else None)
+        # loader_batches: a damaged store read by a worker stops the workers and exits 4 with one line
+        return loader_batches(DataLoader(train_set, batch_size=batch_size,
+                                         sampler=_SkipSampler(sampler, micro_done * batch_size),
+                                         num_workers=config.data.num_workers, pin_memory=pin_memory,
+                                         drop_last=False,
+                                         worker_init_fn=ignore_stop_signals if config.data.num_workers else None))
 
     return loader_for_epoch, math.ceil(len(sampler) / batch_size)
 
@@ -468,6 +491,7 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
               stop_requested: Callable[[], bool] = lambda: False) -> None:
     """Ensemble CRPS (properscoring's, over valid points, mean over lead times) on the validation windows;
     save the network when it is the best so far. Ranks score disjoint windows and sum."""
+    from dyfcli.data import loader_batches
     from dyfcli.metrics import crps_ensemble, lead_mean
 
     progress.last_validated_step = progress.step
@@ -480,7 +504,7 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
     leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
     sums = torch.zeros(2, leads, dtype=torch.float64, device=run.device)  # CRPS sum, valid points, per lead
     with (ema.swapped_in(network) if ema is not None else nullcontext()), eval_mode(network):
-        for batch in loader:
+        for batch in loader_batches(loader):  # a damaged store: one-line error, workers stopped
             if stop_requested():
                 break  # the caller saves the state; the validation is repeated after the resume
             batch = _to_device(batch, run.device)
@@ -499,10 +523,12 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
     sums = run.ranks.sum(sums)
     per_lead = (sums[0] / sums[1].clamp(min=1)).cpu()
     crps = lead_mean(per_lead)
+    _require_finite(run, progress, "the validation CRPS", crps)
     improved = crps < progress.best_crps
     if improved:
         progress.best_crps, progress.best_step, progress.stale_validations = crps, progress.step, 0
         _save_inference_checkpoint(run, network, ema, progress, complete=False)
+        fault_point("train.checkpoint_saved")
     else:
         progress.stale_validations += 1
     record = {"step": progress.step, "epoch": progress.epoch, "val_crps": crps, "best": improved}
@@ -551,6 +577,12 @@ def _device(spec: str) -> torch.device:
     return device
 
 
+def _claim_output(out: Path, overwrite: bool, inputs: list):
+    """The lock on `--out` for the whole run, after checking it and its state file and run folder are
+    dyf's (`outputs`); whether an existing run is resumed or refused is `_prepare_output`'s decision."""
+    return outputs.claim_output(out, outputs.CHECKPOINT, overwrite=overwrite, resume=not overwrite, inputs=inputs)
+
+
 def _prepare_output(out: Path, overwrite: bool, ranks: Ranks) -> dict | None:
     """The training state to resume from, or None for a fresh start (after clearing old outputs)."""
     if not out.parent.is_dir():
@@ -560,10 +592,10 @@ def _prepare_output(out: Path, overwrite: bool, ranks: Ranks) -> dict | None:
     state_file = ckpt.state_path(out)
     if overwrite:
         ranks.barrier()
-        if ranks.is_main:
-            for path in (out, state_file):
-                path.unlink(missing_ok=True)
-            shutil.rmtree(Path(str(out) + ".run"), ignore_errors=True)
+        if ranks.is_main:  # only dyf's own files: `outputs.remove` checks each again
+            for path, kind in ((out, outputs.CHECKPOINT), (state_file, outputs.TRAINING_STATE),
+                               (Path(str(out) + ".run"), outputs.RUN_FOLDER)):
+                outputs.remove(path, kind)
         ranks.barrier()
         return None
     if state_file.exists():
@@ -627,23 +659,53 @@ def _save_inference_checkpoint(run: Run, network: nn.Module, ema: Ema | None, pr
 
 
 def _save_training_state(run: Run, network: nn.Module, optimizer, ema: Ema | None, progress: Progress) -> None:
-    """Everything a resume needs, in `<out>.state.pt` (rank 0 writes, every rank waits)."""
+    """Everything a resume needs, in `<out>.state.pt` (rank 0 writes, every rank waits); never non-finite
+    weights, so the state on disk stays the last finite one when training diverges."""
+    _require_finite_weights(run, progress, network)
     if run.ranks.is_main:
         ckpt.save_training_state(ckpt.state_path(run.out), {
             "config": run.config.to_dict(), "kind": run.kind, "data": str(run.data),
             "progress": _progress_state(progress), "network": _weights(network, None),
             "optimizer": optimizer.state_dict(), "ema": None if ema is None else {
                 "shadow": ema.shadow, "updates": ema.updates},
-            "pending_validation": progress.last_validated_step != progress.step and _validation_due(run, progress),
+            "pending_validation": (progress.step > 0 and progress.last_validated_step != progress.step
+                                   and _validation_due(run, progress)),
         })
+    run.saved_step = progress.step
     run.ranks.barrier()
 
 
-def _interrupt(run: Run, progress: Progress) -> None:
-    """Stop with exit 75 after the state was saved; the same command resumes."""
-    _append_metrics(run, {"event": "interrupted", "step": progress.step})
-    raise Interrupted(f"stopped by a signal at step {progress.step}; the training state is in "
-                      f"{ckpt.state_path(run.out)}: re-run the same command to resume")
+def _interrupt(run: Run, progress: Progress, stop: StopRequest) -> None:
+    """Stop after the state was saved: exit 75 (SIGTERM/SIGUSR1) or 130 (Ctrl-C); the same command resumes."""
+    signal_name = stop.signal_name or "a signal on another rank"
+    _append_metrics(run, {"event": "interrupted", "step": progress.step, "signal": signal_name})
+    error = Cancelled if signal_name == "SIGINT" else Interrupted
+    raise error(f"stopped by {signal_name} at step {progress.step}; the training state is in "
+                f"{ckpt.state_path(run.out)}: re-run the same command to resume")
+
+
+def _require_finite(run: Run, progress: Progress, what: str, value: float) -> None:
+    """Stop a diverged run (a NaN loss once trained on and saved NaN weights marked complete, exit 0).
+
+    Exit 4 (DataError): the settings passed validation at load, so this is not exit 3's "invalid config"
+    (which promises nothing ran); the numbers this run computed from its data are invalid, whatever the
+    cause (too high a learning rate, non-finite data). The last finite state stays on disk.
+    """
+    if math.isfinite(value):
+        return
+    _append_metrics(run, {"event": "diverged", "step": progress.step, "what": what})
+    stage = "interpolator" if run.kind == "interpolator" else "forecaster"
+    kept = (f"the last finite training state (step {run.saved_step}) stays in {ckpt.state_path(run.out)}"
+            if run.saved_step is not None else "nothing was saved")
+    raise DataError(f"training diverged: {what} is {value} at step {progress.step}; {kept}, no non-finite weights "
+                    f"were saved. Lower {stage}.lr (or check the data for non-finite values) and start again "
+                    "with --overwrite")
+
+
+def _require_finite_weights(run: Run, progress: Progress, network: nn.Module) -> None:
+    flags = [torch.isfinite(value).all() for value in network.state_dict().values() if value.is_floating_point()]
+    finite = bool(torch.stack(flags).all()) if flags else True  # one device sync, not one per tensor
+    _require_finite(run, progress, "a network weight", 1.0 if finite else math.nan)
 
 
 def _validation_due(run: Run, progress: Progress) -> bool:
@@ -670,12 +732,15 @@ def _restore(state: dict, network: nn.Module, optimizer, ema: Ema | None) -> Pro
 def _finish(run: Run, network: nn.Module, ema: Ema | None, progress: Progress, resumed_from: int,
             started: float) -> dict:
     """Mark the best checkpoint complete (or save the final weights when nothing was validated)."""
+    if not run.out.exists():
+        _require_finite_weights(run, progress, network)
     if run.ranks.is_main:
         if run.out.exists():
             best = ckpt.load_checkpoint(run.out)
             ckpt.save_checkpoint(run.out, dataclasses.replace(best, training={**best.training, "complete": True}))
         else:
             _save_inference_checkpoint(run, network, ema, progress, complete=True)
+        fault_point("train.finished_checkpoint")
         ckpt.state_path(run.out).unlink(missing_ok=True)
         _append_metrics(run, {"event": "finished", "step": progress.step, "best_val_crps": _finite(progress.best_crps),
                               "best_step": progress.best_step})

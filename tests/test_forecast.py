@@ -304,7 +304,8 @@ def test_resume_overwrite_and_refusals(stores, tmp_path, monkeypatch):
     assert reference["blocks"] == 4 * 2 and reference["blocks_written"] == 8
     assert reference["network_calls_per_member"] == 2 * (3 + 5)
 
-    models.append(Interrupting(after_windows=2 * 2 * 3, horizon=3))  # 3 blocks of 2 windows x 2 batches
+    # 3 blocks of 2 windows; on CPU the 3 members run as one group whatever --member-batch (member_groups)
+    models.append(Interrupting(after_windows=2 * 3, horizon=3))
     with pytest.raises(KeyboardInterrupt):
         forecast.run_forecast(request)
     with pytest.raises(DataError, match="incomplete"):
@@ -329,7 +330,7 @@ def test_resume_overwrite_and_refusals(stores, tmp_path, monkeypatch):
     assert open_forecast(request.out).ds.attrs["dyf_seed"] == 6
     with pytest.raises(UsageError, match="contradict"):
         forecast.run_forecast(replace(request, overwrite=True, resume=True))
-    with pytest.raises(UsageError, match="not a dyf forecast store"):  # --overwrite never deletes a data store
+    with pytest.raises(UsageError, match="is also an input"):  # --overwrite never deletes a data store
         forecast.run_forecast(replace(request, out=store.path, overwrite=True))
     assert open_store(store.path).fields == ["u", "v"]
     ds = open_forecast(request.out).ds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,28 +56,56 @@ def _global(
     setup_logging(verbose)
 
 
-def _to_jsonable(value):
-    return json.loads(json.dumps(value, default=str))
+def strict_json(document) -> str:
+    """One line of strict JSON (RFC 8259): NaN and infinities become null, anything else unknown a string.
+
+    `json.dumps` writes NaN/Infinity by default, which JSON parsers other than Python's reject.
+    """
+    return json.dumps(_finite_or_none(json.loads(json.dumps(document, default=str))), allow_nan=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def error_document(command: str, message: str, exit_code: int, kind: str) -> str:
+    """The `--json` error document: `{"ok": false, "command": ..., "error": {kind, message, exit_code}}`."""
+    return strict_json({"ok": False, "command": command,
+                        "error": {"kind": kind, "message": message, "exit_code": exit_code}})
 
 
 def emit_error(command: str, error: DyfError | Exception, exit_code: int, kind: str) -> None:
     message = getattr(error, "message", None) or str(error)
     print(f"error: {message}", file=sys.stderr)
     if OPTIONS.json:
-        print(json.dumps({"ok": False, "command": command,
-                          "error": {"kind": kind, "message": message, "exit_code": exit_code}}))
+        print(error_document(command, message, exit_code, kind))
 
 
 def run_command(command: str, workflow: Callable[[], dict], render: Callable[[dict], str] | None = None) -> None:
     """Run `workflow`, print its summary (text or JSON), and exit with the documented code.
 
     Under torchrun/srun every rank runs the command; a summary with a `rank` other than 0 is not printed,
-    so a job reports once (rank 0's summary, one JSON document).
+    so a job reports once (rank 0's summary, one JSON document). SIGTERM/SIGUSR1 outside a workflow's own
+    stop handling (start-up, a command that saves no state) end with exit 128 + the signal's number (143
+    for SIGTERM) and the usual error line.
     """
+    from dyfcli.runtime import Terminated, stop_signals_outside
+
     try:
-        summary = workflow() or {}
+        with stop_signals_outside():
+            summary = workflow() or {}
     except DyfError as err:
         emit_error(command, err, err.exit_code, err.kind)
+        raise typer.Exit(err.exit_code) from None
+    except Terminated as err:
+        emit_error(command, DyfError(f"stopped by {err.signal_name} before the command reached a point where it "
+                                     "saves its state; re-run the same command"), err.exit_code, "interrupted")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         emit_error(command, DyfError("interrupted (SIGINT); re-run the same command to continue"), 130, "interrupted")
@@ -94,7 +123,7 @@ def run_command(command: str, workflow: Callable[[], dict], render: Callable[[di
         if text:
             print(text, file=sys.stderr)
     if OPTIONS.json:
-        print(json.dumps({"ok": True, "command": command, **_to_jsonable(summary)}))
+        print(strict_json({"ok": True, "command": command, **summary}))
 
 
 def parse_csv_ints(text: str, flag: str, count: int | None = None) -> list[int]:

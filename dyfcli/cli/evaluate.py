@@ -56,9 +56,15 @@ def evaluate_command(
     out: Path | None = typer.Option(None, "--out", help="Write the scores: .nc (NetCDF), .zarr or .csv."),
     plots: Path | None = typer.Option(None, "--plots", help="Folder for PNG/GIF figures."),
     seed: int = typer.Option(0, "--seed", help="Seed for breaking ties in the rank histogram."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out written by "
+                                                              "`dyf evaluate` (nothing else)."),
+    allow_other_truth: bool = typer.Option(False, "--allow-other-truth",
+                                           help="Score against a --truth store other than the one the "
+                                                "forecast was made from (same schema)."),
 ) -> None:
     """Score a forecast: CRPS, fair CRPS, MSE/RMSE, spread, SSR and rank histograms per field and lead time,
     with persistence and climatology as references."""
     from dyfcli.evaluate import evaluate
 
-    run_command("evaluate", lambda: evaluate(forecast, truth, out, plots, seed), render)
+    run_command("evaluate", lambda: evaluate(forecast, truth, out, plots, seed, overwrite=overwrite,
+                                             allow_other_truth=allow_other_truth), render)

@@ -52,9 +52,10 @@ def forecast_command(
     steps: str | None = typer.Option(None, "--steps", help="DYffusion sampling schedule: full, only_dynamics, "
                                                            "everyN, firstN, only_dynamics_plusN (default: "
                                                            "the checkpoint's)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same forecast (whatever --member-batch or ranks)."),
-    member_batch: int | None = typer.Option(None, "--member-batch", help="Members per batch on the device "
-                                                                         "(default: all); lower it to save memory."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same forecast (whatever the ranks; on CPU bit for bit whatever --member-batch)."),
+    member_batch: int | None = typer.Option(None, "--member-batch", help="Members per batch on a GPU "
+                                                                         "(default: all); lower it to save memory. "
+                                                                         "On CPU members run 8 at most at a time."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     output_times: str | None = typer.Option(None, "--output-times", help="Lead times within one window, e.g. "
                                             "0.5,1,1.5,2 (fractional ones need a model with refinement)."),

@@ -1,4 +1,5 @@
-"""`dyf inspect PATH`: describe a data store, forecast store or checkpoint."""
+"""`dyf inspect PATH [--verify]`: describe a data store, forecast store or checkpoint; with `--verify`,
+read every chunk of a store first (checksums, missing chunk files) and refuse a damaged one (exit 4)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _render(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def inspect_path(path: Path) -> dict:
+def inspect_path(path: Path, verify: bool = False) -> dict:
     from dyfcli.errors import DataError
 
     if not path.exists():
@@ -42,13 +43,24 @@ def inspect_path(path: Path) -> dict:
     if fmt == "dyf-forecast":
         from dyfcli import forecast_store
 
-        return forecast_store.describe(path)
+        verified = forecast_store.verify(path) if verify else None
+        return _with_verify(forecast_store.describe(path), verified)
     from dyfcli import store
 
-    return store.describe(store.open_store(path))
+    verified = store.verify(path) if verify else None
+    return _with_verify(store.describe(store.open_store(path)), verified)
+
+
+def _with_verify(summary: dict, verified: dict | None) -> dict:
+    """The summary, with the counts of `--verify` when it ran (a damaged store never gets here)."""
+    return summary if verified is None else {**summary, "verify": verified}
 
 
 @app.command("inspect")
-def inspect_command(path: Path = typer.Argument(..., help="A data store, forecast store or checkpoint.")) -> None:
+def inspect_command(
+    path: Path = typer.Argument(..., help="A data store, forecast store or checkpoint."),
+    verify: bool = typer.Option(False, "--verify", help="Read every chunk of a store and check it (checksums, "
+                                                        "missing chunk files); exit 4 naming damaged ones."),
+) -> None:
     """Describe a data store, forecast store or checkpoint (fields, grid, splits, provenance)."""
-    run_command("inspect", lambda: inspect_path(path), _render)
+    run_command("inspect", lambda: inspect_path(path, verify), _render)

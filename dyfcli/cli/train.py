@@ -1,6 +1,6 @@
 """`dyf train-interpolator` and `dyf train-forecaster`: parse flags, call one workflow of `dyfcli.train`.
 
-Re-running an interrupted command (exit 75, or a crash) continues from `<out>.state.pt`; a finished
+Re-running an interrupted command (exit 75 or 130, a crash or a kill -9) continues from `<out>.state.pt`; a finished
 `--out` is only replaced with `--overwrite`. Multi-GPU: `torchrun --nproc_per_node N -m dyfcli train-...`
 or the same command under `srun` (one task per GPU).
 """
@@ -44,7 +44,7 @@ def train_interpolator_command(
 ) -> None:
     """Train DYffusion's stochastic interpolator (stage 1); keeps the best by validation CRPS.
 
-    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75; running the same command again resumes from it.
+    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75 (Ctrl-C: 130); running the same command again resumes from it.
     """
 
     def workflow() -> dict:
@@ -72,7 +72,7 @@ def train_forecaster_command(
 ) -> None:
     """Train DYffusion's forecaster with the interpolator frozen (stage 2), or a baseline forecaster.
 
-    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75; running the same command again resumes from it.
+    SIGTERM/SIGUSR1 save OUT.state.pt and exit 75 (Ctrl-C: 130); running the same command again resumes from it.
     """
 
     def workflow() -> dict:

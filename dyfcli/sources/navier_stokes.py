@@ -384,20 +384,20 @@ def prepare_navier_stokes(out: Path, *, source: Path | None = None, counts: dict
     """`dyf prepare navier-stokes`: read the nn-benchmark files under `source`, or simulate; write the store."""
     from dyfcli.errors import UsageError
     from dyfcli.runtime import resolve_device
-    from dyfcli.store import check_output
+    from dyfcli.store import claim_output
 
-    check_output(Path(out), overwrite)
-    if not 1 <= snapshots <= OUTPUT_STEPS:
-        raise UsageError(f"--snapshots {snapshots}: choose 1..{OUTPUT_STEPS}")
-    if resolution < 1:
-        raise UsageError(f"--resolution {resolution}: choose 1 (h = 0.01) or more")
-    if source is not None:
-        trajectories = nnbenchmark.read_archive(Path(source), nnbenchmark.NAVIER_STOKES,
-                                                counts=nnbenchmark.check_counts(counts) if counts else None)
-    else:
-        counts = nnbenchmark.check_counts(counts or dict(DEFAULT_COUNTS))
-        started = time.monotonic()
-        trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
-                                              snapshots=snapshots, resolution=resolution)
-        log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
-    return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)
+    with claim_output(Path(out), overwrite, inputs=[source]):  # held until the store is in place
+        if not 1 <= snapshots <= OUTPUT_STEPS:
+            raise UsageError(f"--snapshots {snapshots}: choose 1..{OUTPUT_STEPS}")
+        if resolution < 1:
+            raise UsageError(f"--resolution {resolution}: choose 1 (h = 0.01) or more")
+        if source is not None:
+            trajectories = nnbenchmark.read_archive(Path(source), nnbenchmark.NAVIER_STOKES,
+                                                    counts=nnbenchmark.check_counts(counts) if counts else None)
+        else:
+            counts = nnbenchmark.check_counts(counts or dict(DEFAULT_COUNTS))
+            started = time.monotonic()
+            trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
+                                                  snapshots=snapshots, resolution=resolution)
+            log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
+        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)

@@ -5,6 +5,9 @@ axes from CF attributes (`axis`, `standard_name`, `units`) and common names, and
 variables as fields `(series, time, y, x)`. Decisions, so users know what they get:
 
 - Values are decoded with `mask_and_scale` (packed integers, `_FillValue`, `missing_value` -> NaN).
+  NaN is missing data; ±inf (or a value beyond the float32 range) is refused with a DataError naming
+  the variable, file, count and first place, found in the same pass as the statistics. A valid point
+  (see `mask`) without data in the training split is refused too: its statistics would be NaN.
 - Extra dimensions of size 1 (a depth `zlev`, an ensemble `number`) are dropped; a larger one must be
   reduced with `--select DIM=VALUE` (nearest coordinate value).
 - Latitude (or projected y) running north to south is flipped so row 0 is the southernmost; longitude
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import glob
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from dask.callbacks import Callback
 
 from dyfcli.errors import DataError, UsageError
 from dyfcli.runtime import progress
-from dyfcli.store import (DataStore, check_output, encoding_for, finalize, provenance_attrs, staging_path,
+from dyfcli.store import (DataStore, claim_output, encoding_for, finalize, new_staging, provenance_attrs,
                           validate_dataset)
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
@@ -58,6 +60,7 @@ STD_FLOOR_FRACTION = 1e-3
 BLOCK_BYTES = 16 * 2**20
 CHUNK_TARGET_BYTES = 256 * 2**10
 MAX_TIME_CHUNK = 8
+FILE_COORD = "dyf_file_index"  # carried along time (sorting, calendar conversion) until `to_series` drops it
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Source:
     x_coord: dict | None = None
     notes: list[str] = field(default_factory=list)
     block: int = 1  # time steps per Dask block
+    step_files: list[Path] = field(default_factory=list)  # the file of every time step, for error messages
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -80,8 +84,15 @@ def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: i
                    normalization: str = "pixel", select: dict[str, str] | None = None,
                    overwrite: bool = False) -> dict:
     """Build a data store from CF gridded files; returns a JSON-ready summary."""
-    out = Path(out)
-    check_output(out, overwrite)
+    inputs = [match for text in paths for match in (glob.glob(text) if any(c in text for c in "*?[") else [text])]
+    with claim_output(Path(out), overwrite, inputs=inputs):  # held until the store is renamed into place
+        return _prepare_netcdf(paths, variables, Path(out), tile=tile, train_until=train_until, val=val,
+                               test=test, normalization=normalization, select=select)
+
+
+def _prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: int | None,
+                    train_until: str | None, val: str | None, test: str | None, normalization: str,
+                    select: dict[str, str] | None) -> dict:
     if tile is not None and tile < 2:
         raise UsageError(f"--tile {tile}: a tile must be at least 2 x 2 points")
     if normalization not in ("pixel", "global"):
@@ -99,7 +110,7 @@ def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: i
          "select": select or {}, "normalization": normalization, "splits": splits}))
     dataset.attrs.update({"dyf_fields": list(variables), "dyf_splits": splits, "dyf_normalization": normalization,
                           "dyf_time_step": step, "dyf_calendar": source.calendar})
-    split_steps = write(dataset, out, normalization)
+    split_steps = write(dataset, out, normalization, source.step_files)
     return _summary(out, source, dataset, tiles, split_steps, step, tile)
 
 
@@ -278,7 +289,9 @@ def open_source(files: list[Path], variables: list[str], select: dict[str, str])
     for path, part in zip(files[1:], parts[1:]):
         _check_same_grid(files[0], first, path, part)
     block = _block_steps(first)
-    parts = [p.chunk({"time": min(block, p.sizes["time"]), "y": -1, "x": -1}) for p in parts]
+    parts = [p.chunk({"time": min(block, p.sizes["time"]), "y": -1, "x": -1})
+             .assign_coords({FILE_COORD: ("time", np.full(p.sizes["time"], index))})
+             for index, p in enumerate(parts)]
     parts.sort(key=lambda p: _first_time(p))
     ds = parts[0] if len(parts) == 1 else xr.concat(parts, dim="time", data_vars="all", coords="minimal",
                                                      compat="override", join="override")
@@ -504,7 +517,10 @@ def to_series(source: Source, tile: int | None):
     Returns it with the series labels (tile numbers `row * columns + column`; 0 without tiles)."""
     import xarray as xr
 
-    ds, fields = source.ds, list(source.ds.data_vars)
+    if FILE_COORD in source.ds.coords:
+        source.step_files = [source.files[i] for i in source.ds[FILE_COORD].values]
+    ds = source.ds.drop_vars(FILE_COORD, errors="ignore")
+    fields = list(ds.data_vars)
     first_valid = np.all([np.isfinite(ds[name].isel(time=0).values) for name in fields], axis=0)
     size, tiles, labels = choose_tiles(first_valid, tile, source.notes)
     windows = [(slice(r * size[0], (r + 1) * size[0]), slice(c * size[1], (c + 1) * size[1])) for r, c in tiles]
@@ -552,8 +568,9 @@ def _attach_coordinates(out, source: Source, tiles: list, size_y: int, size_x: i
 
 # ------------------------------------------------------------------------------------------------ write
 
-def write(dataset, out: Path, normalization: str) -> dict[str, int]:
-    """Fields and statistics in one pass over the sources, into a staging store renamed when complete.
+def write(dataset, out: Path, normalization: str, step_files: list[Path] | None = None) -> dict[str, int]:
+    """Fields, statistics and the check for infinite values in one pass over the sources, into a staging
+    store renamed when complete (`step_files`: the file of each time step, named by errors).
 
     Returns the number of time steps in each split."""
     import dask
@@ -564,16 +581,18 @@ def write(dataset, out: Path, normalization: str) -> dict[str, int]:
     start, stop = probe.split_ranges("train")[0][1:]
     fields = dataset.attrs["dyf_fields"]
     time_chunk = store_time_chunk(dataset.sizes["y"] * dataset.sizes["x"] * 4)
-    staging = staging_path(out)
-    if staging.exists():
-        shutil.rmtree(staging)
-    writer = dataset.to_zarr(staging, mode="w", compute=False, consolidated=False,
+    staging = new_staging(out)  # marked as dyf's first; mode "a" keeps the marker
+    writer = dataset.to_zarr(staging, mode="a", compute=False, consolidated=False,
                              encoding=encoding_for(dataset, time_chunk))
     moments = {name: _moments(dataset[name].isel(time=slice(start, stop))) for name in fields}
+    infinite = {name: np.isinf(dataset[name]).sum(("y", "x")) for name in fields}  # (series, time) counts
     with DaskProgress("prepare netcdf: writing"):
-        _, computed = dask.compute(writer, moments)
+        _, computed, infinite = dask.compute(writer, moments, infinite)
+    for name in fields:
+        refuse_infinite(dataset[name], infinite[name].values, step_files or [])
     stats = xr.Dataset({var: values for name in fields
-                        for var, values in _statistics(name, computed[name], normalization).items()})
+                        for var, values in _statistics(name, computed[name], normalization,
+                                                       dataset["mask"]).items()})
     stats = stats.reset_coords(drop=True).drop_vars(["series", "y", "x"], errors="ignore")
     stats.attrs = dict(dataset.attrs)  # appending rewrites the group attributes
     stats.to_zarr(staging, mode="a", consolidated=True, encoding=encoding_for(stats))
@@ -589,8 +608,41 @@ def _moments(train):
     return (valid.sum("time"), values.fillna(0).sum("time"), (values.fillna(0) ** 2).sum("time"))
 
 
-def _statistics(name: str, moments: tuple, normalization: str) -> dict:
-    """`stats_mean_<name>`, `stats_std_<name>` as float32 DataArrays of the store's normalisation mode."""
+def refuse_infinite(field, counts: np.ndarray, step_files: list[Path]) -> None:
+    """DataError when the field `(series, time, y, x)` holds ±inf; `counts` `(series, time)` counts them.
+
+    One +inf made a pixel's mean inf and its std NaN, and moved the std floor of every pixel. NaN is
+    missing data; an infinity is damage only the user can judge, so it is refused, not masked."""
+    total = int(counts.sum())
+    if total == 0:
+        return
+    time_index, series = (int(i) for i in np.argwhere(counts.T)[0])  # the earliest time step first
+    values = field.isel(series=series, time=time_index).values
+    y, x = (int(i) for i in np.argwhere(np.isinf(values))[0])
+    where = f" in {step_files[time_index]}" if len(step_files) == field.sizes["time"] else ""
+    raise DataError(f"{field.name!r} holds {total} infinite value{'s' if total > 1 else ''} (±inf, or beyond "
+                    f"the float32 range){where}, the first at time {_label(field['time'].values[time_index])}, "
+                    f"{_position(field, series, y, x)}; mark them missing in the files (xarray: "
+                    "ds.where(np.isfinite(ds))) or correct them, then run prepare again")
+
+
+def _label(value) -> str:
+    return str(np.datetime_as_string(value, unit="s")) if isinstance(value, np.datetime64) else str(value)
+
+
+def _position(field, series: int, y: int, x: int) -> str:
+    """`series s, y j, x i` in store indices (y south to north), with lat/lon when the store has them."""
+    text = f"series {field['series'].values[series]}, y {y}, x {x}"
+    places = [f"{name} {float(field[name].values[series, index]):g}" for name, index in (("lat", y), ("lon", x))
+              if name in field.coords]
+    return text + (f" ({', '.join(places)})" if places else "")
+
+
+def _statistics(name: str, moments: tuple, normalization: str, mask) -> dict:
+    """`stats_mean_<name>`, `stats_std_<name>` as float32 DataArrays of the store's normalisation mode.
+
+    DataError when a valid point (`mask` True) would get non-finite statistics: the loader would turn it
+    into NaN or 0 silently."""
     count, total, squares = (m.astype(np.float64) for m in moments)
     n_all = float(count.sum())
     if n_all == 0:
@@ -605,7 +657,22 @@ def _statistics(name: str, moments: tuple, normalization: str) -> dict:
         mean = total / count
         std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
     std = std.where(count == 0, np.maximum(std, floor))
-    return {f"stats_mean_{name}": mean.astype(np.float32), f"stats_std_{name}": std.astype(np.float32)}
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    _refuse_nonfinite_statistics(name, mean, std, mask)
+    return {f"stats_mean_{name}": mean, f"stats_std_{name}": std}
+
+
+def _refuse_nonfinite_statistics(name: str, mean, std, mask) -> None:
+    bad = (mask & ~(np.isfinite(mean) & np.isfinite(std))).transpose("series", "y", "x").values
+    if not bad.any():
+        return
+    series, y, x = (int(i) for i in np.argwhere(bad)[0])
+    count = int(bad.sum())
+    points = "1 valid point (valid at the first time step) has" if count == 1 else \
+        f"{count} valid points (valid at the first time step) have"
+    raise DataError(f"{name!r}: {points} no value in the training split, so their statistics would be NaN "
+                    f"(the first at {_position(mask, series, y, x)}); choose a training split in which they "
+                    "have data (--train-until) or mark them missing at the first time step too")
 
 
 class DaskProgress(Callback):

@@ -338,9 +338,27 @@ def read_archive(root: Path, system: System, *, counts: dict[str, int] | None = 
         if len(frames) != len(times):
             raise DataError(f"trajectory {i} of {splits[name].directory.name} has {len(frames)} frames but "
                             f"{len(times)} times; re-download the nn-benchmark split")
+        obstacle = statics[series].get("obstacle")
+        check_finite(frames, True if obstacle is None else ~obstacle, system.fields,
+                     f"trajectory {i} of {splits[name].directory}")
         return frames
 
     return _archive_trajectories(system, root, splits, sizes, order, statics, times, load)
+
+
+def check_finite(frames: np.ndarray, valid: np.ndarray | bool, fields: tuple[str, ...], where: str) -> None:
+    """DataError when `frames` `(T, C, Y, X)` hold NaN or ±inf at a valid node (`valid` `(Y, X)`).
+
+    The statistics are one global mean and std per field: a single inf or NaN there would make them
+    non-finite for every node of every trajectory. Obstacle nodes hold NaN on purpose and are skipped."""
+    bad = ~np.isfinite(frames) & valid
+    if not bad.any():
+        return
+    step, channel, y, x = (int(i) for i in np.argwhere(bad)[0])
+    count = int(bad.sum())
+    raise DataError(f"{where}: {count} non-finite value{'s' if count > 1 else ''} (NaN or ±inf) at valid nodes, "
+                    f"the first in {fields[channel]!r} at frame {step}, node y {y}, x {x}; the file is damaged "
+                    "or its simulation diverged: re-download or re-extract the nn-benchmark split")
 
 
 def _archive_trajectories(system, root, splits, sizes, order, statics, times, load) -> Trajectories:

@@ -25,7 +25,8 @@ same processes. When h5py and deflate are installed, whole-day deflate chunks ar
 (`ChunkSlicer`, about 2.5x faster than HDF5's zlib) with the same raw values. With a `distributed` cluster
 (that sees the same file system) each block is one Dask task that reads and writes. Progress markers inside
 the staging directory let an interrupted run, re-run with the same command, skip the blocks it already
-wrote. The output does not depend on the number of workers or on the reading path.
+wrote. The output does not depend on the number of workers or on the reading path. Reading processes
+watch the dyf process that started them and exit when it ends, even by kill -9 (`exit_with_process`).
 
 Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split only, ddof 0 as in xarray:
 * a day of year with no training data at an ocean pixel (e.g. 366 when few leap years are in training)
@@ -44,6 +45,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import threading
 import time
@@ -59,6 +61,7 @@ import numpy as np
 from dyfcli.errors import DataError, UsageError
 from dyfcli.runtime import progress
 from dyfcli.splits import time_splits
+from dyfcli import outputs
 from dyfcli import store as data_store
 
 log = logging.getLogger("dyf.oisst")
@@ -81,6 +84,7 @@ STORE_TIME_CHUNK = 8        # days per Zarr chunk: a training window of 8 days t
 DEFAULT_BOXES = "84-89,108-112"
 FAST_CHUNKS = True          # read whole-day deflate chunks with h5py + libdeflate when installed
 TASKS_PER_WORKER = 2        # blocks queued per reading process: bounds memory to a few blocks
+PARENT_POLL_SECONDS = 0.5   # how often a reading process checks that dyf lives, where it cannot wait on it
 
 LAT_NAMES = ("lat", "latitude")
 LON_NAMES = ("lon", "longitude")
@@ -230,6 +234,7 @@ class SstSlicer:
             self.variable.set_auto_maskandscale(False)
             self.attrs = {name: self.variable.getncattr(name) for name in self.variable.ncattrs()}
             self.dimensions = tuple(self.variable.dimensions)
+            self.path = dataset.filepath()
             roles = [_dimension_role(dim) for dim in self.dimensions]
         self.key = [{"lat": rows, "lon": cols}.get(role, 0) for role in roles]
         self.time_axis = roles.index("time")
@@ -241,7 +246,7 @@ class SstSlicer:
         key[self.time_axis] = time_index
         with NETCDF_LOCK:
             raw = np.asarray(self.variable[tuple(key)])
-        return decode_sst(raw.T if self.transposed else raw, self.attrs)
+        return decode_sst(raw.T if self.transposed else raw, self.attrs, f"{self.path}, time index {time_index}")
 
 
 def chunk_reading_available() -> bool:
@@ -317,25 +322,39 @@ class ChunkSlicer:
             raw = np.ascontiguousarray(np.moveaxis(planes, 0, -1)).view(self.variable.dtype)[..., 0]
         else:
             raw = data.view(self.variable.dtype).reshape(self.spatial_shape)[self.region]
-        return decode_sst(raw.T if self.transposed else raw, self.attrs)
+        return decode_sst(raw.T if self.transposed else raw, self.attrs,
+                          f"{self.fallback.path}, time index {time_index}")
 
 
-def decode_sst(raw: np.ndarray, attrs: dict) -> np.ndarray:
+def decode_sst(raw: np.ndarray, attrs: dict, where: str = "sst") -> np.ndarray:
     """Apply CF packing and missing values by hand (float32; NaN where missing).
 
     Missing: values equal to `_FillValue` or `missing_value` (compared in the stored type, before
-    unpacking), and for floating-point data also non-finite values and |x| > 1e30 (PSL's -9.96921e36 even
-    when a tool dropped `missing_value`). Unpacking: `raw * scale_factor + add_offset` in float32.
+    unpacking), and for floating-point data also NaN and |x| > 1e30 (PSL's -9.96921e36 even when a tool
+    dropped `missing_value`). Unpacking: `raw * scale_factor + add_offset` in float32.
+    An infinity that is not the declared fill value is damage, not land: a DataError naming `where`.
     """
     missing = [np.asarray(attrs[key]).ravel() for key in ("_FillValue", "missing_value") if key in attrs]
     invalid = np.isin(raw, np.concatenate(missing)) if missing else np.zeros(raw.shape, dtype=bool)
     values = raw.astype(np.float32)
     if not np.issubdtype(raw.dtype, np.integer):
+        _refuse_infinite(values, invalid, where)
         invalid |= ~np.isfinite(values) | (np.abs(values) > MISSING_ABOVE)
     if "scale_factor" in attrs or "add_offset" in attrs:
         values = values * np.float32(attrs.get("scale_factor", 1.0)) + np.float32(attrs.get("add_offset", 0.0))
     values[invalid] = np.nan
     return values
+
+
+def _refuse_infinite(values: np.ndarray, declared_missing: np.ndarray, where: str) -> None:
+    infinite = np.isinf(values) & ~declared_missing
+    if not infinite.any():
+        return
+    first, count = tuple(int(i) for i in np.argwhere(infinite)[0]), int(infinite.sum())
+    raise DataError(f"{where}: sst holds {count} infinite value{'s' if count > 1 else ''} (±inf) that "
+                    f"{'are' if count > 1 else 'is'} not its fill value, the first at index {first} of the "
+                    "(lat, lon) region read; mark them missing (e.g. xarray: ds.where(np.isfinite(ds))) or "
+                    "download the file again")
 
 
 # ----------------------------------------------------------------------------------------------- discovery
@@ -825,7 +844,8 @@ def local_processes(workers: int):
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=_process_context())
+    pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=exit_with_process,
+                               initargs=(os.getpid(),))
     try:
         for _ in range(workers):  # each submit while no process is idle starts one more
             pool.submit(int)
@@ -842,6 +862,40 @@ def _process_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["netCDF4", __name__] + (["h5py", "deflate"] if chunk_reading_available() else []))
     return context
+
+
+def exit_with_process(pid: int) -> None:
+    """Pool initializer: end this reading process as soon as process `pid` (the dyf that made the pool) ends.
+
+    Nothing else would: a forkserver worker's OS parent is the forkserver, and every worker holds the pipe
+    ends that keep the forkserver and its siblings waiting, so after a kill -9 of dyf they all lived on,
+    holding dyf's pipes. Once the workers exit, the forkserver and resource tracker see their pipes close."""
+    threading.Thread(target=_exit_when_ended, args=(pid,), name="dyf-watch", daemon=True).start()
+
+
+def _exit_when_ended(pid: int) -> None:
+    """Block until process `pid` ends (a pidfd turns readable on exit, even while it is an unreaped zombie;
+    elsewhere poll every PARENT_POLL_SECONDS), then leave at once: there is nobody to report to."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3)
+        while _process_exists(pid):
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+    select.select([handle], [], [])
+    os._exit(1)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else (pid reused)
+        return True
+    return True
 
 
 def ordered_results(pool, function, calls: Iterable[tuple], in_flight: int) -> Iterator:
@@ -1098,8 +1152,8 @@ def create_store(staging: Path, plan: Plan, attrs: dict) -> None:
     encoding = data_store.encoding_for(ds, store_time_chunk(plan))
     for name in ("stats_mean_sst", "stats_std_sst"):
         if ds[name].dims:
-            encoding[name] = {"chunks": (DAYS_OF_YEAR, 1, BOX_SIZE, BOX_SIZE)}
-    ds.to_zarr(staging, mode="w", compute=False, encoding=encoding, consolidated=False)
+            encoding[name]["chunks"] = (DAYS_OF_YEAR, 1, BOX_SIZE, BOX_SIZE)  # keeps the checksum codec
+    ds.to_zarr(staging, mode="a", compute=False, encoding=encoding, consolidated=False)  # "w" would drop the marker
 
 
 def _fingerprint(plan: Plan, recipe: dict) -> str:
@@ -1120,7 +1174,7 @@ def prepare_staging(staging: Path, plan: Plan, recipe: dict, attrs: dict) -> tup
         return marks, True
     if staging.exists():
         log.info("discarding %s from an earlier, different or unfinished job", staging)
-        shutil.rmtree(staging)
+    outputs.new_staging(staging)  # removes only dyf's own staging folder
     create_store(staging, plan, attrs)
     marks.mkdir()
     job_file.write_text(json.dumps({"fingerprint": fingerprint}))
@@ -1144,17 +1198,17 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
     requested, year_range = parse_boxes(boxes), parse_years(years)
     workers = check_workers(workers)
     splits = time_splits(train_until, val, test)
-    data_store.check_output(out, overwrite)
-    client = connect_scheduler(scheduler)
-    try:
-        plan = plan_job(Path(raw_dir), requested, year_range, splits, allow_gaps, time_block)
-        recipe = {"raw_dir": str(Path(raw_dir).resolve()), "layout": plan.archive.layout, "boxes": plan.boxes,
-                  "years": years, "train_until": train_until, "val": val, "test": test, "allow_gaps": allow_gaps,
-                  "time_block": time_block}
-        return _write_store(plan, recipe, out, client, workers, started)
-    finally:
-        if client is not None:
-            client.close()
+    with data_store.claim_output(out, overwrite, inputs=[raw_dir]):
+        client = connect_scheduler(scheduler)
+        try:
+            plan = plan_job(Path(raw_dir), requested, year_range, splits, allow_gaps, time_block)
+            recipe = {"raw_dir": str(Path(raw_dir).resolve()), "layout": plan.archive.layout, "boxes": plan.boxes,
+                      "years": years, "train_until": train_until, "val": val, "test": test,
+                      "allow_gaps": allow_gaps, "time_block": time_block}
+            return _write_store(plan, recipe, out, client, workers, started)
+        finally:
+            if client is not None:
+                client.close()
 
 
 def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, started: float) -> dict:

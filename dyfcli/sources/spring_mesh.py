@@ -207,25 +207,25 @@ def prepare_spring_mesh(out: Path, *, source: Path | None = None, counts: dict[s
     """
     from dyfcli.errors import UsageError
     from dyfcli.runtime import resolve_device
-    from dyfcli.store import check_output
+    from dyfcli.store import claim_output
 
-    check_output(Path(out), overwrite)
-    if not 2 <= snapshots <= OUTPUT_STEPS:
-        raise UsageError(f"--snapshots {snapshots}: choose 2..{OUTPUT_STEPS}")
-    if substeps < 1:
-        raise UsageError(f"--substeps {substeps}: choose 1 or more")
-    if counts:
-        counts = nnbenchmark.check_counts(dict(counts))
-        if ood:
-            counts[nnbenchmark.OOD_SPLIT] = counts["test"]
-    if source is not None:
-        trajectories = nnbenchmark.read_archive(Path(source), nnbenchmark.SPRING_MESH, counts=counts, ood=ood)
-    else:
-        counts = counts or nnbenchmark.check_counts(dict(DEFAULT_COUNTS))
-        if ood:
-            counts.setdefault(nnbenchmark.OOD_SPLIT, counts["test"])
-        started = time.monotonic()
-        trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
-                                              snapshots=snapshots, substeps=substeps)
-        log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
-    return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)
+    with claim_output(Path(out), overwrite, inputs=[source]):  # held until the store is in place
+        if not 2 <= snapshots <= OUTPUT_STEPS:
+            raise UsageError(f"--snapshots {snapshots}: choose 2..{OUTPUT_STEPS}")
+        if substeps < 1:
+            raise UsageError(f"--substeps {substeps}: choose 1 or more")
+        if counts:
+            counts = nnbenchmark.check_counts(dict(counts))
+            if ood:
+                counts[nnbenchmark.OOD_SPLIT] = counts["test"]
+        if source is not None:
+            trajectories = nnbenchmark.read_archive(Path(source), nnbenchmark.SPRING_MESH, counts=counts, ood=ood)
+        else:
+            counts = counts or nnbenchmark.check_counts(dict(DEFAULT_COUNTS))
+            if ood:
+                counts.setdefault(nnbenchmark.OOD_SPLIT, counts["test"])
+            started = time.monotonic()
+            trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
+                                                  snapshots=snapshots, substeps=substeps)
+            log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
+        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)
