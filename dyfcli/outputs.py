@@ -61,6 +61,7 @@ _DESCRIPTIONS = {DATA_STORE: "dyf data store", FORECAST: "dyf forecast store", S
                  CHECKPOINT: "dyf checkpoint", TRAINING_STATE: "dyf training state",
                  RUN_FOLDER: "dyf run folder (config.yaml, metrics.jsonl)", STAGING: "dyf staging folder"}
 _HEX8 = "[0-9a-f]{8}"
+_SIGNATURE_BYTES = 1 << 20  # the pickle holding `format` comes first in a torch file
 
 # Zarr lists the staging marker while a store is written into a staging folder; it is ours, not a stray.
 warnings.filterwarnings("ignore", message=r"Object at \.dyf-staging is not recognized")
@@ -141,16 +142,17 @@ def _torch_kind(path: Path) -> str | None:
 
 
 def _torch_signature(path: Path) -> str | None:
-    import zipfile
-
+    """A torch file (a zip archive) whose pickle, stored uncompressed and first, names dyf's format; read
+    as raw bytes so a truncated file (no zip directory at its end) is still recognised."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
-            data = archive.read(pickles[0]) if len(pickles) == 1 else b""
-    except Exception:  # noqa: BLE001 - not a readable torch archive
+        with open(path, "rb") as handle:
+            head = handle.read(_SIGNATURE_BYTES)
+    except OSError:
+        return None
+    if not head.startswith(b"PK\x03\x04"):
         return None
     for text, kind in (("dyf-training-state", TRAINING_STATE), ("dyf-checkpoint", CHECKPOINT)):
-        if text.encode() in data:
+        if text.encode() in head:
             return kind
     return None
 

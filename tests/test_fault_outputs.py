@@ -100,13 +100,15 @@ def test_kind_at_recognises_dyf_artefacts_by_their_own_metadata(world, tmp_path)
     for path in (user_folder(tmp_path / "notes.zarr"), tmp_path / "mine.csv", tmp_path / "mine.pt",
                  tmp_path / "link.zarr", run):
         assert outputs.kind_at(path) is None, path
-    # a dyf checkpoint with a flipped byte is still recognised; a truncated one is not (refused)
+    # a dyf checkpoint with a flipped byte or cut short is still recognised; a user's zip naming it is not
     damaged = tmp_path / "damaged.pt"
     data = bytearray(world["model"].read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
     assert outputs.kind_at(damaged) == outputs.CHECKPOINT
     damaged.write_bytes(bytes(data[: len(data) // 3]))
+    assert outputs.kind_at(damaged) == outputs.CHECKPOINT
+    damaged.write_bytes(b"dyf-checkpoint, a text that names it\n")
     assert outputs.kind_at(damaged) is None
 
 
@@ -428,3 +430,24 @@ def test_claim_removes_only_dyf_stray_temporary_files(world, tmp_path):
     with outputs.claim_output(tmp_path / "x.zarr", outputs.DATA_STORE, overwrite=False):
         pass
     assert not backup.exists() and (mine / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_overwrite_takes_a_damaged_dyf_training_state_but_not_a_users_file(world, tmp_path, damage):
+    """A state file a kill or a disk fault damaged is still dyf's (its pickle, first in the archive, names
+    the format): --overwrite replaces it; a user's file of that name is refused."""
+    out = tmp_path / "model.pt"
+    state = tmp_path / "model.pt.state.pt"
+    save_training_state(state, {"progress": {"step": 1}, "network": {"w": torch.ones(5000)}})
+    data = bytearray(state.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with outputs.claim_output(out, outputs.CHECKPOINT, overwrite=True):
+        pass
+    state.write_text("my own notes\n")
+    with pytest.raises(UsageError, match="dyf did not write"):
+        with outputs.claim_output(out, outputs.CHECKPOINT, overwrite=True):
+            pass
