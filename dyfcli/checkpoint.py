@@ -372,16 +372,10 @@ def state_path(out: Path) -> Path:
 
 def store_identity(store) -> dict[str, Any]:
     """Identity of a data store (a `store.DataStore`): path, normalisation mode, sizes, hash of its stats."""
-    import numpy as np
+    from dyfcli.store import stats_sha256
 
-    digest = hashlib.sha256()
-    for name in store.fields:
-        for stat in ("mean", "std"):
-            values = np.ascontiguousarray(store.ds[f"stats_{stat}_{name}"].values, dtype=np.float32)
-            digest.update(f"{stat}_{name}{values.shape}".encode())
-            digest.update(values.tobytes())
     return {"path": str(Path(store.path).resolve()), "normalization": store.normalization,
-            "series": int(store.ds.sizes["series"]), "stats_sha256": digest.hexdigest()[:16]}
+            "series": int(store.ds.sizes["series"]), "stats_sha256": stats_sha256(store)}
 
 
 def check_compatible(checkpoint: Checkpoint, store) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dyfcli.errors import DataError, DyfError, UsageError
-from dyfcli.store import DataStore, open_store, read_errors
+from dyfcli.chunks import read_errors
+from dyfcli.store import DataStore, open_store
 
 DAYS_IN_LEAP_YEAR = 366
 CHUNK_CACHE_BYTES = 32 * 2**20  # decoded chunks kept per field and process
@@ -271,7 +272,7 @@ class ChunkFileReader:
     zarr-python 3 costs about 0.8 ms per indexing call plus 0.4 ms per chunk (event-loop hop and async
     codec pipeline), i.e. ~3.5 ms for an 8-step window at one step per chunk. Reading the chunk files
     and decoding them here costs ~0.1 ms. dyf writes every chunk, so a missing chunk file is damage
-    (FileNotFoundError, as a failed checksum is a ValueError; readers map both with `store.read_errors`),
+    (FileNotFoundError, as a failed checksum is a ValueError; readers map both with `chunks.read_errors`),
     never fill values. The most recent chunks (up to `cache_bytes`) are kept decoded; the store is
     read-only while training. `chunk_reader` falls back to the zarr array for any other layout.
     """

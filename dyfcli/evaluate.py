@@ -203,7 +203,7 @@ class Block:
 def read_block(inputs: Inputs, field: str, series: int, init: int) -> Block:
     """One block of the forecast and the truth it is scored against (damaged chunks: DataError, exit 4)."""
     from dyfcli.forecast_store import FIX
-    from dyfcli.store import read_errors
+    from dyfcli.chunks import read_errors
 
     leads = inputs.leads
     truth_series = inputs.series_index[series]

@@ -48,7 +48,8 @@ from dyfcli import forecast_store, outputs
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
 from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, launch_rank, resolve_device,
                             stop_signals)
-from dyfcli.store import read_errors, store_id
+from dyfcli.chunks import read_errors
+from dyfcli.store import store_id
 
 if TYPE_CHECKING:
     import torch

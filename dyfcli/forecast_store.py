@@ -31,7 +31,7 @@ import numpy as np
 from dyfcli import __version__, outputs
 from dyfcli.errors import DataError
 from dyfcli.runtime import fault_point
-from dyfcli.store import check_chunks, checksummed, missing_chunks, open_array, read_errors, verify_chunks
+from dyfcli.chunks import check_chunks, checksummed, missing_chunks, open_array, read_errors, verify_chunks
 
 # Consolidated metadata on purpose (one read instead of one per array), as the data store does.
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
@@ -307,7 +307,7 @@ def _open_dataset(path: Path, check: bool = True):
 
 
 def _required_chunks(done: np.ndarray, attrs: dict):
-    """`required(name, array)` for `store.check_chunks`: field chunks of the blocks marked done; every chunk
+    """`required(name, array)` for `chunks.check_chunks`: field chunks of the blocks marked done; every chunk
     of the other arrays (of `done` only once the store is complete: older dyf wrote it block by block)."""
     fields = set(attrs.get("dyf_fields", []))
     complete = bool(attrs.get("dyf_complete", False))
