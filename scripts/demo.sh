@@ -14,4 +14,4 @@ set -x
 "$dyf" train-forecaster --data "$out/data.zarr" --interpolator "$out/interpolator.pt" --preset tiny \
     --out "$out/model.pt" --overwrite
 "$dyf" forecast --ckpt "$out/model.pt" --horizon 32 --ensemble 16 --out "$out/forecast.zarr" --overwrite
-"$dyf" evaluate "$out/forecast.zarr" --out "$out/scores.nc" --plots "$out/plots"
+"$dyf" evaluate "$out/forecast.zarr" --out "$out/scores.nc" --plots "$out/plots" --overwrite
