@@ -137,15 +137,20 @@ def train(method: str, store: Path, folder: Path, args, log: Path) -> tuple[Path
 
 
 def with_sigma(model: Path, sigma: float) -> Path:
-    """A copy of a perturbation checkpoint with `baseline.perturbation_sigma = sigma` (DESIGN.md section 4:
-    a plain dict whose `config` is the resolved config; the network does not depend on sigma)."""
-    import torch
+    """A copy of a perturbation checkpoint with `baseline.perturbation_sigma = sigma` (the network does not
+    depend on sigma). Saved through dyf's checkpoint module, which records fresh checksums: a checkpoint
+    edited by hand fails its checksums at load."""
+    import copy as copying
+    import dataclasses
+
+    from dyfcli.checkpoint import load_checkpoint, save_checkpoint
 
     copy = model.with_name(f"{model.stem}_sigma{sigma:g}.pt")
     if not copy.exists():
-        payload = torch.load(model, weights_only=True)
-        payload["config"]["baseline"]["perturbation_sigma"] = float(sigma)
-        torch.save(payload, copy)
+        checkpoint = load_checkpoint(model)
+        config = copying.deepcopy(checkpoint.config)
+        config["baseline"]["perturbation_sigma"] = float(sigma)
+        save_checkpoint(copy, dataclasses.replace(checkpoint, config=config))
     return copy
 
 
@@ -155,7 +160,8 @@ def score(model: Path, store: Path, split: str, args, log: Path) -> dict:
     summary = dyf("forecast", "--ckpt", str(model), "--data", str(store), "--split", split,
                   "--horizon", str(args.horizon), "--ensemble", str(args.ensemble), "--device", args.device,
                   "--out", str(forecast), "--overwrite", log=log)
-    scores = dyf("evaluate", str(forecast), "--out", str(forecast.with_suffix(".scores.csv")), log=log)
+    scores = dyf("evaluate", str(forecast), "--out", str(forecast.with_suffix(".scores.csv")), "--overwrite",
+                 log=log)
     fields = scores["fields"]
     mean = lambda table, metric: sum(table[f][metric]["mean"] for f in fields) / len(fields)  # noqa: E731
     per_lead = [sum(values) / len(fields) for values in zip(*(scores["scores"][f]["crps"]["per_lead"] for f in fields))]
