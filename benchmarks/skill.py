@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/skill.py --methods dyffusion,dropout,perturbation,ddpm   # DDPM too (slow)
 
 Runs the real `dyf` commands (prepare, train-interpolator, train-forecaster, forecast, evaluate) and prints
-one table like the paper's (reference/paper-results.md 1.3): CRPS, MSE, SSR (means over fields and lead
+one table like the paper's spring-mesh table (docs/paper-notes.md §8): CRPS, MSE, SSR (means over fields and lead
 times, physical units, as `dyf evaluate` reports them), network evaluations per member, forecast wall time
 and training wall time; persistence's CRPS as a reference.
 

@@ -1,4 +1,4 @@
-"""The paper's baselines (reference/dyffusion.md §4), trained by `train.py` and sampled by `forecast.py`.
+"""The paper's baselines (docs/paper-notes.md §6), trained by `train.py` and sampled by `forecast.py`.
 
 - `dropout`: a time-conditioned forecaster x_j = net(x0, time=j) trained with MSE at j ~ U{1..h}; at
   inference MC dropout stays on and each lead j = 1..h is one independent pass (leads are not chained);

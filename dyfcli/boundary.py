@@ -1,4 +1,4 @@
-"""Known values of the physical systems, imposed on every forecast frame (dyffusion.md §3.6).
+"""Known values of the physical systems, imposed on every forecast frame (docs/paper-notes.md §5).
 
 DYffusion writes the boundary conditions of the nn-benchmark systems into each predicted frame before it
 is stored or fed back into the next autoregressive window:

@@ -1,4 +1,4 @@
-"""Self-describing checkpoints (DESIGN §4): the only module that knows the checkpoint keys.
+"""Self-describing checkpoints (docs/design.md §4): the only module that knows the checkpoint keys.
 
 A checkpoint file is `torch.save` of a plain dict (tensors, numbers, strings, lists, dicts), loadable with
 `torch.load(path, weights_only=True)`:
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -410,6 +411,17 @@ def describe(path: Path) -> dict[str, Any]:
     if checkpoint.interpolator is not None:
         summary["interpolator"] = {"kind": checkpoint.interpolator.kind, **_summary(checkpoint.interpolator)}
     return summary
+
+
+def describe_training_state(path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a resumable training state (`OUT.state.pt`) for `dyf inspect`."""
+    state = load_training_state(Path(path))
+    progress = state.get("progress", {})
+    best = progress.get("best_crps")
+    return {"kind": "training-state", "path": str(path), "training_kind": state.get("kind"),
+            "data": state.get("data"), "step": progress.get("step"), "epoch": progress.get("epoch"),
+            "best_val_crps": best if isinstance(best, float) and math.isfinite(best) else None,
+            "best_step": progress.get("best_step"), "validations": len(progress.get("history", []))}
 
 
 def _summary(checkpoint: Checkpoint) -> dict[str, Any]:

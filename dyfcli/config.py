@@ -1,10 +1,16 @@
-"""Run configuration: typed, frozen, validated at load (STYLE §4: config is a leaf and builds nothing).
+"""Run configuration: typed, frozen, validated at load (config is a leaf and builds nothing).
 
 A configuration is a complete YAML document (a *preset*) plus `--set section.key=value` overrides. Loading
 is strict: an unknown key, a value of the wrong type or an out-of-range setting raises `ConfigError`
 (exit 3) naming the key and what is allowed. Presets are looked up by name in the installed package
 (`dyfcli.presets`, package data of a wheel) and then in the source checkout's `presets/` folder; a path to
 a YAML file works too. A preset is not tied to a grid: channel counts come from the data store.
+
+A preset either gives every key (the keys marked `OPTIONAL` may be left out) or names a base with
+`extends: NAME` (a preset name) or `extends: ./base.yaml` (a file relative to the extending one); the base
+chain is deep-merged, the extending file winning key by key, and the result must then be complete. A
+partial file without `extends` once trained silently with the dataclass defaults (no dropout, 1 epoch), so
+it is refused naming the missing keys.
 
 Sections (each dataclass documents its fields):
   data          windows and batches (`DataConfig`)
@@ -32,6 +38,7 @@ from dyfcli.errors import ConfigError
 FORWARD_CONDITIONING = ("data", "none", "data+noise")
 LR_SCHEDULES = ("none", "cosine")
 NETWORK_KINDS = ("unet", "unet-ns", "cnn")
+OPTIONAL = {"optional": True}  # field metadata: a key a complete preset may leave out
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -94,6 +101,8 @@ class InterpolatorConfig:
     lr, weight_decay: AdamW settings.
     epochs: passes over the training windows.
     max_steps: optimiser steps at most (stops earlier than `epochs` when set; the tiny preset uses it).
+    allow_zero_dropout: train an interpolator whose dropout rates are all 0 (optional key, default false;
+      see `require_stochastic_interpolator`).
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -101,9 +110,14 @@ class InterpolatorConfig:
     weight_decay: float = 1e-4
     epochs: int = 1
     max_steps: int | None = None
+    allow_zero_dropout: bool = field(default=False, metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         _check_optimiser(self, "interpolator")
+
+    def dropout_rates(self) -> dict[str, float]:
+        """The interpolator network's dropout arguments (wherever given); absent ones default to 0."""
+        return {name: rate for name, rate in self.network.build_arguments().items() if "dropout" in name}
 
 
 @dataclass(frozen=True)
@@ -241,10 +255,10 @@ class BaselineConfig:
 class RunConfig:
     """A complete run: every setting of both training stages and of sampling.
 
-    description: one line saying what the preset is for.
+    description: one line saying what the preset is for (optional key).
     """
 
-    description: str = ""
+    description: str = field(default="", metadata=OPTIONAL)
     data: DataConfig = field(default_factory=DataConfig)
     interpolator: InterpolatorConfig = field(default_factory=InterpolatorConfig)
     forecaster: ForecasterConfig = field(default_factory=ForecasterConfig)
@@ -255,6 +269,31 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists for tuples): what checkpoints and run folders store."""
         return _plain(dataclasses.asdict(self))
+
+
+def require_stochastic_interpolator(config: RunConfig) -> None:
+    """Refuse an interpolator whose dropout rates are all 0 unless `interpolator.allow_zero_dropout` is true.
+
+    DYffusion's ensemble spread comes from the interpolator's MC dropout, kept on at inference (arXiv
+    2306.01984 §3; docs/paper-notes.md §4): without it every member of a `data`/`none`-conditioned forecast
+    is the same, and nothing would say so. A user preset lacking dropout keys once did exactly that.
+    """
+    rates = config.interpolator.dropout_rates()
+    if config.interpolator.allow_zero_dropout or any(_positive(rate) for rate in rates.values()):
+        return
+    given = ", ".join(f"{name}: {rate}" for name, rate in rates.items()) or "none given"
+    key = _DROPOUT_KEY.get(config.interpolator.network.kind, "dropout")
+    raise ConfigError(f"interpolator.network.dropout has no positive rate ({given}), so ensemble members would "
+                      f"not differ; set one (e.g. --set interpolator.network.dropout.{key}=0.1) or, if you "
+                      "mean it, set interpolator.allow_zero_dropout: true "
+                      "(--set interpolator.allow_zero_dropout=true)")
+
+
+_DROPOUT_KEY = {"unet": "block_dropout", "unet-ns": "dropout", "cnn": "dropout"}  # a rate each network takes
+
+
+def _positive(rate: object) -> bool:
+    return isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0
 
 
 def _check_optimiser(stage: InterpolatorConfig | ForecasterConfig, name: str) -> None:
@@ -343,22 +382,97 @@ def find_preset(name_or_path: str) -> Path:
             raise ConfigError(f"preset file {candidate} does not exist; give a preset name "
                               f"({', '.join(preset_names())}) or an existing YAML file")
         return candidate
+    return named_preset(name_or_path)
+
+
+def named_preset(name: str) -> Path:
+    """The shipped preset `name` (installed package first, then the source checkout)."""
     for folder in preset_dirs():
-        path = folder / f"{name_or_path}.yaml"
+        path = folder / f"{name}.yaml"
         if path.is_file():
             return path
-    raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names()) or '(none found)'} "
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names()) or '(none found)'} "
                       "or give a YAML file path")
 
 
 def read_preset(name_or_path: str) -> dict[str, Any]:
-    """The preset's YAML document as a nested dict (not validated yet)."""
+    """The preset's YAML document as a nested dict, its `extends` chain merged in and checked complete
+    (not validated yet: `config_from_dict` does that)."""
     path = find_preset(name_or_path)
+    document = _resolve_extends(path, ())
+    missing = missing_keys(document)
+    if missing:
+        raise ConfigError(f"preset {path} is incomplete: missing {', '.join(missing)}; add `extends: NAME` "
+                          f"(one of {', '.join(preset_names())}) or `extends: ./base.yaml` to take the rest from "
+                          "a base, or give every key (`dyf train-interpolator --dry-run` prints a complete config)")
+    return document
+
+
+def _read_document(path: Path) -> dict[str, Any]:
     document = parse_yaml(path.read_text(), str(path))
     if not isinstance(document, dict):
         raise ConfigError(f"preset {path} must be a mapping of sections (data, interpolator, ...); got "
                           f"{type(document).__name__}")
     return document
+
+
+def _resolve_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """`path`'s document deep-merged over its base's (recursively); `chain` holds the files already on the
+    way here, so a cycle is refused instead of recursing forever."""
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, here))
+        raise ConfigError(f"preset {path} extends itself ({cycle}); remove one of these `extends:` keys")
+    document = _read_document(path)
+    base = document.pop("extends", None)
+    if base is None:
+        return document
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"preset {path}: extends = {base!r} is invalid: expected a preset name "
+                          f"({', '.join(preset_names())}) or a YAML file path relative to {path.name}")
+    return deep_merge(_resolve_extends(_base_path(base.strip(), path), (*chain, here)), document)
+
+
+def _base_path(base: str, child: Path) -> Path:
+    """`extends: NAME` names a shipped preset; a value with a `/` or a YAML suffix is a file, relative to the
+    extending file (so a folder of presets can be moved as a whole)."""
+    if "/" not in base and Path(base).suffix not in (".yaml", ".yml"):
+        return named_preset(base)
+    candidate = Path(base).expanduser()
+    candidate = candidate if candidate.is_absolute() else child.parent / candidate
+    if not candidate.is_file():
+        raise ConfigError(f"preset {child}: extends {base!r}, but {candidate} does not exist; give a path "
+                          f"relative to {child.parent} or a preset name ({', '.join(preset_names())})")
+    return candidate
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings present in both are merged key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def missing_keys(document: dict[str, Any], cls: type | None = None, prefix: str = "") -> list[str]:
+    """Keys a complete preset must give that `document` lacks; a wholly missing section is named once.
+
+    Free-form mappings (`network.hyper`, `network.dropout`) count as one key; `OPTIONAL` fields may be absent.
+    """
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("optional"):
+            continue
+        if item.name not in document:
+            missing.append(prefix + item.name)
+        elif dataclasses.is_dataclass(hints[item.name]) and isinstance(document[item.name] or {}, dict):
+            missing += missing_keys(document[item.name] or {}, hints[item.name], f"{prefix}{item.name}.")
+    return missing
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Nothing here sees a network, a config or a file. The two networks arrive as call
 and `Forecast`), randomness arrives as a `MemberNoise`, and tensors are laid out `(batch, channel, y, x)`;
 sampled lead times come back as `(batch, lead, channel, y, x)`.
 
-Terms (reference/dyffusion.md §2-3):
+Terms (arXiv 2306.01984 §3; docs/paper-notes.md §1):
   h           horizon: data time steps covered by one forecast window.
   k           extra (artificial) diffusion steps inside (0, 1); T = h + k diffusion steps d = 0..T-1.
   i(d)        interpolation time of diffusion step d: d - k for d >= k+1 ("dynamical" steps, i = 1..h-1),
@@ -153,7 +153,7 @@ class NetworkCalls(NamedTuple):
 
 def count_network_calls(schedule: Schedule, *, naive: bool = False, cold_last_step: bool = False,
                         refine: bool = False, output_times: tuple[float, ...] | None = None) -> NetworkCalls:
-    """What `sample` with these options calls, without calling it (reference/dyffusion.md §3.4).
+    """What `sample` with these options calls, without calling it (Algorithm 2; docs/paper-notes.md §3).
 
     With M + 1 schedule steps: M + 1 forecaster calls; cold sampling calls the interpolator once at s = 0,
     twice at each of the M - 1 middle steps and never at the last step (once with `cold_last_step`);
@@ -328,7 +328,7 @@ class ForecasterLoss(NamedTuple):
 def forecaster_loss(interpolate: Interpolate, forecast: Forecast, x0: torch.Tensor, xh: torch.Tensor,
                     steps: torch.Tensor, *, horizon: int, extra_steps: int, condition: torch.Tensor | None = None,
                     lambda_forward: float = 0.5, lambda_lookahead: float = 0.5) -> ForecasterLoss:
-    """Stage 2 (reference/dyffusion.md §3.3): two L1 terms around the frozen interpolator.
+    """Stage 2 (Algorithm 1; docs/paper-notes.md §2): two L1 terms around the frozen interpolator.
 
         forward   = L1(F(x~_t, i(t)), x_h),        x~_t = I(x0, x_h, i(t)) for t > 0, x~_0 = x0
         lookahead = L1(F(I(x0, x^_h, i(t+1)), i(t+1)), x_h)   over the samples with t <= T-2

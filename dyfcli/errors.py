@@ -1,4 +1,4 @@
-"""The exceptions that reach the user, each carrying its documented exit code (DESIGN §2).
+"""The exceptions that reach the user, each carrying its documented exit code (docs/design.md §2).
 
 Raise them where data enters (flags, config, raw files, stores, checkpoints) with a message that names
 the problem and the fix; `dyfcli.cli.app` maps them to one line on stderr and the exit code.

@@ -1,4 +1,4 @@
-"""`dyf evaluate`: score a forecast store against the truth in a data store (DESIGN §6).
+"""`dyf evaluate`: score a forecast store against the truth in a data store (docs/design.md §6).
 
 The workflow streams the forecast one `(series, init)` block at a time (and each block in slices of lead
 times), so memory stays bounded however large the forecast store is. For every block it looks the truth
@@ -108,16 +108,13 @@ def _check_same_truth(forecast, forecast_path: Path, store, allow_other_truth: b
 
 
 def _truth_path(forecast, forecast_path: Path, given: Path | None) -> Path:
-    """--truth, else the forecast's `dyf_truth` (relative paths taken from the forecast's folder)."""
+    """--truth, else the store the forecast records (`forecast_store.truth_path`: `dyf_truth` relative to
+    the forecast's folder, then `dyf_truth_absolute`); DataError naming --truth when neither exists."""
+    from dyfcli.forecast_store import truth_path
+
     if given is not None:
         return Path(given)
-    recorded = forecast.attrs.get("dyf_truth")
-    if not recorded:
-        raise UsageError(f"{forecast_path} does not record its data store (dyf_truth); pass --truth STORE")
-    path = Path(recorded)
-    if not path.is_absolute() and not path.exists():
-        path = forecast_path.parent / path
-    return path
+    return truth_path(forecast.attrs, forecast_path)
 
 
 def _check_fields_and_grid(fields: list[str], forecast, store) -> None:
@@ -398,8 +395,63 @@ def _write_csv(ds, path: Path) -> None:
                     writer.writerow([source, field, "mean", "", metric, f"{float(mean):.8g}"])
 
 
+def describe_scores(path: Path | str) -> dict:
+    """A JSON-ready summary of a scores file written by `dyf evaluate --out` (.nc, .zarr or .csv), for
+    `dyf inspect`: what was scored and the lead-mean scores per source and field. DataError when `path` is
+    not dyf's scores (recognised by `outputs.kind_at`, as `--overwrite` does)."""
+    from dyfcli import outputs
+    from dyfcli.chunks import read_errors
+
+    path = Path(path)
+    if outputs.kind_at(path) != outputs.SCORES:
+        raise DataError(f"{path} is not a dyf scores file (no dyf_format = {outputs.SCORES_FORMAT!r}); "
+                        "give one written by `dyf evaluate --out`")
+    if path.suffix == ".csv":
+        return {"kind": "scores", "path": str(path), **_csv_scores(path)}
+    import xarray as xr
+
+    with read_errors(path, "the scores", "re-run `dyf evaluate --out` to write them again"):
+        ds = xr.open_zarr(path) if path.suffix == ".zarr" else xr.open_dataset(path, engine="netcdf4")
+        with ds:
+            lead_mean = {str(source): {str(field): {metric: float(ds[f"{metric}_lead_mean"].sel(source=source,
+                                                                                          field=field))
+                                                    for metric in _scored_metrics(ds)}
+                                       for field in ds["field"].values}
+                         for source in ds["source"].values}
+            attrs = {key: value for key, value in ds.attrs.items() if key != "dyf_format"}
+            leads = [float(lead) for lead in ds["lead"].values]
+    return {"kind": "scores", "path": str(path), "attrs": attrs, "leads": leads, "lead_mean": lead_mean}
+
+
+def _scored_metrics(ds) -> list[str]:
+    from dyfcli.metrics import METRICS
+
+    return [metric for metric in METRICS if f"{metric}_lead_mean" in ds.variables]
+
+
+def _csv_scores(path: Path) -> dict:
+    """The lead-mean scores and leads of the long CSV `_write_csv` writes."""
+    import csv
+
+    lead_mean: dict = {}
+    leads: list[float] = []
+    with open(path, newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                if row["lead"] == "mean":
+                    by_field = lead_mean.setdefault(row["source"], {}).setdefault(row["field"], {})
+                    by_field[row["metric"]] = float(row["value"])
+                elif float(row["lead"]) not in leads:
+                    leads.append(float(row["lead"]))
+            except (TypeError, ValueError) as err:  # a short row gives None
+                raise DataError(f"{path} line {number} is damaged ({err}); re-run `dyf evaluate --out` to write "
+                                "the scores again") from None
+    return {"leads": leads, "lead_mean": lead_mean}
+
+
 def check_outputs(out: Path | None, plots: Path | None, inputs: list = ()) -> None:
-    """--out: a scores file name in an existing folder; neither --out nor --plots may be or lie in an input."""
+    """--out: a scores file name (missing folders are created when it is claimed); neither --out nor --plots
+    may be or lie in an input."""
     from dyfcli import outputs
 
     if out is not None:

@@ -14,7 +14,8 @@ disk writes overlap the network calls; leaving the loop (normally, by error or b
 
 Under torchrun or srun (`runtime.distributed`, gloo: barriers and flags only) rank 0 creates or checks the
 store, the pending blocks are dealt round-robin and rank 0 marks the store complete. SIGTERM/SIGUSR1
-(`runtime.stop_signals`) stop after the current block with exit 75; `--resume` continues.
+(`runtime.stop_signals`) stop after the current block with exit 75; running the same command again
+continues (an existing unfinished store made with the same options is resumed by default; `prepare_output`).
 
 Randomness: member `m` of block `(series s, init time t)` draws from
 `MemberNoise.for_members(seed, [member_id(s, t, m)])`, folded once per autoregressive window, so the
@@ -109,12 +110,17 @@ def check_request(request: ForecastRequest) -> None:
         raise UsageError("--output-times is empty; give lead times such as 0.5,1,1.5 or leave it out")
     outputs.check_path(Path(request.out), folder=True)
     outputs.check_distinct(Path(request.out), [request.checkpoint, request.data])
-    # Checked again by rank 0 when it creates the store; other ranks may see rank 0's new store here.
-    if Path(request.out).exists() and not (request.overwrite or request.resume) and launch_rank() == 0:
-        raise UsageError(f"{request.out} already exists; {_EXISTS_HINT} or choose another --out")
+    # A finished forecast is refused before the model is loaded (an unfinished one is resumed when its
+    # options match: `_create_or_check`). Checked again by rank 0 there; other ranks may see rank 0's new
+    # store here.
+    if not (request.overwrite or request.resume) and launch_rank() == 0:
+        attrs = forecast_store.read_attrs(Path(request.out)) if Path(request.out).is_dir() else None
+        if attrs is not None and attrs.get("dyf_complete"):
+            raise UsageError(_finished_message(Path(request.out)))
 
 
-_EXISTS_HINT = "pass --resume to continue that forecast or --overwrite to replace it"
+def _finished_message(out: Path) -> str:
+    return f"{out} already exists (a finished forecast); pass --overwrite to replace it or choose another --out"
 
 
 # ----------------------------------------------------------------------------------------------- initial conditions
@@ -317,9 +323,15 @@ class BlockInputs:
 
 @dataclass
 class Counter:
-    """Batched network calls made so far (for progress and the summary)."""
+    """Batched network calls made so far (for the summary); `on_window` is called after every window of
+    every member group, so the loop owner can show progress long before the first block is written."""
 
     batched_calls: int = 0
+    on_window: Callable[[], None] = lambda: None
+
+    def window_done(self, calls: int) -> None:
+        self.batched_calls += calls
+        self.on_window()
 
 
 def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise: MemberNoise,
@@ -340,7 +352,7 @@ def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, no
     for window in range(plan.windows):
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options).float()
-        counter.batched_calls += calls_per_window
+        counter.window_done(calls_per_window)
         positions = np.arange(window * per_window, (window + 1) * per_window)
         physical = _window_to_physical(out, inputs, positions)
         written.append(physical[:, list(plan.take[window])])
@@ -431,10 +443,12 @@ def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int
 
     method = collaborators.method
     calls_per_window = _calls_per_window(method)
-    counter = Counter()
+    groups = len(member_groups(members, member_batch, collaborators.device)[0])
     start = time.monotonic()
-    with progress("forecast", total=len(blocks), unit="block") as bar:
-        for series_position, init_position in blocks:
+    with progress("forecast", total=len(blocks) * groups * plan.windows, unit="window") as bar:
+        counter = Counter(on_window=lambda: bar.advance(
+            1, network_evals_per_s=counter.batched_calls / max(time.monotonic() - start, 1e-9)))
+        for written, (series_position, init_position) in enumerate(blocks, start=1):
             series_index = init.series_indices[series_position]
             time_index = init.time_indices[init_position]
             inputs = collaborators.block_inputs(series_index, time_index, window_valid_time[init_position])
@@ -442,11 +456,9 @@ def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int
                                    member_batch=member_batch, device=collaborators.device, counter=counter,
                                    calls_per_window=calls_per_window, bf16=method.bf16)
             writer.write(series_position, init_position, block)
-            elapsed = max(time.monotonic() - start, 1e-9)
-            bar.advance(1, network_evals_per_s=counter.batched_calls / elapsed)
             if stop_requested():
-                raise Interrupted(f"stopped by a signal after writing {bar.done} blocks; re-run the same "
-                                  "`dyf forecast` command with --resume to continue")
+                raise Interrupted(f"stopped by a signal after writing {written} blocks; re-run the same "
+                                  "`dyf forecast` command to continue")
     return counter
 
 
@@ -602,10 +614,10 @@ def window_valid_times(store, init: InitialConditions, plan: LeadPlan) -> np.nda
 def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool,
                    ranks: Ranks) -> np.ndarray:
     """Create the store (rank 0) or check that an existing one is the same forecast; returns `done` (S, I)."""
-    failure = None
+    failure, resumed = None, False
     if ranks.is_main:
         try:
-            _create_or_check(out, layout, overwrite=overwrite, resume=resume)
+            resumed = _create_or_check(out, layout, overwrite=overwrite, resume=resume)
         except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
             failure = err
     if ranks.any(failure is not None):
@@ -613,29 +625,41 @@ def prepare_output(out: Path, layout: forecast_store.ForecastLayout, *, overwrit
             raise failure
         raise DataError(f"rank 0 could not prepare {out}; see its error message")
     done = forecast_store.BlockWriter(out).done()
+    if resumed:
+        log.info("resuming %s: %d of %d blocks written", out, int(done.sum()), done.size)
     ranks.barrier()  # no rank writes before every rank has read `done`: all deal the same pending blocks
     return done
 
 
-def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> None:
-    outputs.check_distinct(out, [layout.attrs.get("dyf_truth")])  # the data store the checkpoint named
+def _create_or_check(out: Path, layout: forecast_store.ForecastLayout, *, overwrite: bool, resume: bool) -> bool:
+    """Create the store, replace it (`overwrite`) or continue it; True when an existing store is continued.
+
+    An existing dyf forecast store made with the same options (`layout.identity`) is continued without
+    `--resume`, so "re-run the same command" after an interruption holds; one made with other options is
+    refused naming them, and a finished one is refused unless `resume` was asked for (then nothing is left
+    to do). Only `--overwrite` replaces, and only a dyf forecast store (`outputs`).
+    """
+    truth = layout.attrs.get("dyf_truth_absolute") or layout.attrs.get("dyf_truth")  # the checkpoint's data store
+    outputs.check_distinct(out, [truth])
     if not out.exists():
         forecast_store.create(out, layout)
-        return
-    found = forecast_store.read_identity(out)
-    if found is None:
+        return False
+    attrs = forecast_store.read_attrs(out)
+    if attrs is None:
         # Never delete something that is not a forecast (a data store, a folder of results) by mistake.
         raise UsageError(f"{out} exists and is not a dyf forecast store; choose another --out or remove it first")
     if overwrite:
         forecast_store.create(out, layout)
-        return
-    if not resume:
-        raise UsageError(f"{out} already exists; pass --resume to continue that forecast or --overwrite to replace it")
+        return False
+    found = attrs.get("dyf_identity", {})
     expected = forecast_store.jsonable(layout.identity)  # compared as stored: tuples become lists, etc.
     differing = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
     if differing:
-        raise UsageError(f"--resume: {out} was made with other {', '.join(differing)}; repeat the original "
-                         "options or pass --overwrite to start again")
+        raise UsageError(f"{out} already exists, made with other {', '.join(differing)}; repeat its options to "
+                         "continue it, pass --overwrite to replace it, or choose another --out")
+    if attrs.get("dyf_complete") and not resume:
+        raise UsageError(_finished_message(out))
+    return True
 
 
 @dataclass
@@ -655,8 +679,9 @@ class ForecastJob:
 def run_forecast(request: ForecastRequest) -> dict:
     """The whole `dyf forecast` run, holding the lock on `--out` throughout; returns a JSON-ready summary."""
     check_request(request)
-    with outputs.claim_output(request.out, outputs.FORECAST, overwrite=request.overwrite, resume=request.resume,
-                              inputs=[request.checkpoint, request.data], hint=_EXISTS_HINT):
+    # resume: an existing dyf forecast store may be continued (whether it is: `_create_or_check`)
+    with outputs.claim_output(request.out, outputs.FORECAST, overwrite=request.overwrite,
+                              resume=not request.overwrite, inputs=[request.checkpoint, request.data]):
         return _run_forecast(request)
 
 
@@ -681,8 +706,6 @@ def _run_forecast(request: ForecastRequest) -> dict:
 
 def _pending_blocks(out: Path, done: np.ndarray) -> list[tuple[int, int]]:
     """The `(series position, init position)` pairs not yet written, in store order."""
-    if done.any():
-        log.info("resuming %s: %d of %d blocks already written", out, int(done.sum()), done.size)
     return [(s, i) for s in range(done.shape[0]) for i in range(done.shape[1]) if not done[s, i]]
 
 
@@ -731,7 +754,7 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
 
 def _identity(request: ForecastRequest, store, init: InitialConditions, method: Method, plan: LeadPlan,
               sha: str) -> dict:
-    """The options `--resume` must repeat: a store made with other ones is a different forecast."""
+    """The options a resume must repeat: a store made with other ones is a different forecast."""
     return {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
             "ensemble": request.ensemble, "schedule": method.schedule, "precision": _precision(method),
             "output_times": list(plan.window_times or []), "split": request.split,
@@ -770,7 +793,7 @@ def _network_calls(method: Method, plan: LeadPlan) -> dict:
 def _store_attrs(request: ForecastRequest, checkpoint, store, method: Method, calls: dict, plan: LeadPlan,
                  sha: str) -> dict:
     return {
-        "dyf_truth": str(Path(store.path).resolve()),
+        **forecast_store.truth_attrs(store.path, request.out),  # dyf_truth: relative when they share a folder
         "dyf_truth_id": store_id(store),  # `dyf evaluate` refuses another data store of the same schema
         "dyf_split": request.split,
         "dyf_init_selection": request.init or "default",

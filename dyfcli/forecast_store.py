@@ -1,4 +1,4 @@
-"""The forecast store (DESIGN §5): the one module that knows its schema.
+"""The forecast store (docs/design.md §5): the one module that knows its schema.
 
 A forecast store is a Zarr group readable with `xr.open_zarr`. Each field is float32
 `(series, init, member, lead, y, x)` in physical units with NaN on invalid points; `mask(series, y, x)` is
@@ -19,6 +19,7 @@ done block whose chunk is gone.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import warnings
@@ -112,7 +113,7 @@ def create(path: Path, layout: ForecastLayout) -> None:
 
     The schema is built in a dyf-marked staging folder and renamed into place, so a kill at any point
     leaves either no store (the staging folder is dyf's and the next run removes it) or a whole one that
-    `--resume` continues.
+    the same command continues.
     """
     path = Path(path)
     staging = outputs.new_staging(outputs.staging_path(path))
@@ -221,17 +222,70 @@ class BackgroundWriter:
             raise self._error
 
 
-def read_identity(path: Path) -> dict | None:
-    """The `dyf_identity` of an existing forecast store, or None when `path` is not one."""
+def read_attrs(path: Path) -> dict | None:
+    """The attributes of an existing forecast store (`dyf_identity`, `dyf_complete`, ...), or None when
+    `path` is not one."""
     import zarr
 
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # noqa: BLE001 - anything unreadable is "not a forecast store"
         return None
-    if attrs.get("dyf_format") != FORMAT:
-        return None
-    return attrs.get("dyf_identity", {})
+    return attrs if attrs.get("dyf_format") == FORMAT else None
+
+
+def read_identity(path: Path) -> dict | None:
+    """The `dyf_identity` of an existing forecast store, or None when `path` is not one."""
+    attrs = read_attrs(path)
+    return None if attrs is None else attrs.get("dyf_identity", {})
+
+
+# ----------------------------------------------------------------------------------------------- the truth
+
+def truth_attrs(truth: Path | str, out: Path | str) -> dict:
+    """`dyf_truth` and `dyf_truth_absolute` for a forecast at `out` made from the data store `truth`.
+
+    `dyf_truth` is relative to the forecast store's folder when the two share a folder below the
+    filesystem root (`../data/s.zarr`), so a project folder copied or moved elsewhere as a whole still
+    finds its data; `dyf_truth_absolute` is where the store was when the forecast was made (the fallback
+    for a forecast copied alone, on the same machine).
+    """
+    truth = Path(truth).resolve()
+    folder = Path(out).absolute().parent.resolve()
+    shared = Path(os.path.commonpath([truth, folder]))
+    recorded = os.path.relpath(truth, folder) if shared != Path(shared.anchor) else str(truth)
+    return {"dyf_truth": recorded, "dyf_truth_absolute": str(truth)}
+
+
+def truth_candidates(attrs: dict, path: Path | str) -> list[Path]:
+    """Where the data store of the forecast at `path` may be, most likely first: `dyf_truth` (a relative
+    one taken from the forecast store's folder), then `dyf_truth_absolute`. Empty when none is recorded."""
+    candidates = []
+    recorded = attrs.get("dyf_truth")
+    if recorded:
+        recorded = Path(recorded)
+        candidates.append(recorded if recorded.is_absolute() else (Path(path).absolute().parent / recorded).resolve())
+    absolute = attrs.get("dyf_truth_absolute")
+    if absolute and Path(absolute) not in candidates:
+        candidates.append(Path(absolute))
+    return candidates
+
+
+def truth_path(attrs: dict, path: Path | str) -> Path:
+    """The data store the forecast at `path` was made from, found through `truth_candidates`.
+
+    DataError (exit 4) when none of the recorded places holds it (a forecast copied to another machine):
+    the message names them and the fix, `--truth STORE`.
+    """
+    candidates = truth_candidates(attrs, path)
+    if not candidates:
+        raise DataError(f"{path} does not record its data store (dyf_truth); pass --truth STORE")
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = " or ".join(str(candidate) for candidate in candidates)
+    raise DataError(f"the data store of {path} is not at {tried} (recorded as dyf_truth); "
+                    "pass --truth STORE")
 
 
 def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
@@ -243,7 +297,7 @@ def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
         done = np.asarray(group["done"][...], dtype=bool)
     if not done.all():
         raise DataError(f"{path}: {int((~done).sum())} of {done.size} blocks are not written; "
-                        "re-run the same `dyf forecast` command with --resume")
+                        "re-run the same `dyf forecast` command to write them")
     group.attrs.update({**jsonable(extra_attrs or {}), "dyf_complete": True,
                         "dyf_completed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     with warnings.catch_warnings():
@@ -267,8 +321,9 @@ class ForecastStore:
 
     @property
     def truth(self) -> Path:
-        """The data store the forecast was started from."""
-        return Path(self.ds.attrs["dyf_truth"])
+        """The data store the forecast was started from (`truth_path`: relative to the store's folder, else
+        the absolute fallback); DataError naming `--truth STORE` when it is not found."""
+        return truth_path(self.ds.attrs, self.path)
 
     @property
     def members(self) -> int:
@@ -344,7 +399,7 @@ def open_forecast(path: Path | str) -> ForecastStore:
     ds = _open_dataset(path)
     if not ds.attrs.get("dyf_complete", False):
         raise DataError(f"{path} is incomplete (a forecast was interrupted); re-run the same "
-                        "`dyf forecast` command with --resume to finish it")
+                        "`dyf forecast` command to finish it (it continues where it stopped)")
     for name in ds.attrs.get("dyf_fields", []):
         if name not in ds.data_vars or tuple(ds[name].dims) != FIELD_DIMS:
             raise DataError(f"{path}: field {name!r} is missing or not {FIELD_DIMS}; re-run `dyf forecast`")
@@ -369,6 +424,7 @@ def describe(path: Path | str) -> dict:
         if len(init_time) else None,
         "lead": [float(v) for v in ds["lead"].values[:1000]],
         "truth": attrs.get("dyf_truth"),
+        "truth_absolute": attrs.get("dyf_truth_absolute"),
         "checkpoint": attrs.get("dyf_checkpoint"),
         "checkpoint_sha256": attrs.get("dyf_checkpoint_sha256"),
         "method": attrs.get("dyf_method"),

@@ -1,6 +1,6 @@
 """Ensemble scores for probabilistic forecasts (pure torch), as streaming accumulators.
 
-Conventions (DESIGN §6, reference/paper-results.md §1.5, dyffusion.md §8):
+Conventions (docs/design.md §6; the paper's, docs/paper-notes.md §8):
 
 - `crps`: the standard ensemble CRPS of properscoring / xskillscore (the exact CRPS of the empirical
   ensemble CDF, *not* fair):  mean_i |X_i - y| - 1/(2 M^2) sum_{i,j} |X_i - X_j|.

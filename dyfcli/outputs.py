@@ -2,8 +2,9 @@
 
 Rules every writing command follows (through `claim_output`):
 
-- `--out` names a new path in an existing folder: not `.`, `..`, a symbolic link, an input of the same
-  command, a path inside an input, nor a folder holding an input.
+- `--out` names a new path: not `.`, `..`, a symbolic link, an input of the same command, a path inside
+  an input, nor a folder holding an input. Missing folders above it are created when it is claimed and
+  removed again (while empty) when the command fails, so a refused command leaves nothing behind.
 - An existing output is replaced only with `--overwrite` (or continued with `--resume`), and only when it
   is an artefact of the same kind that dyf wrote, recognised by its own metadata (`kind_at`): a data
   store or forecast store by the `dyf_format` attribute of its `zarr.json`, a scores file by its
@@ -174,7 +175,8 @@ def _found(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------- checking
 
 def check_path(out: Path, *, folder: bool) -> None:
-    """`--out` must name a new entry in an existing folder, and not through a symbolic link."""
+    """`--out` must name an entry, not through a symbolic link, in a folder that exists or that dyf can
+    create (`claim_output` creates missing parents, as `--plots` does; no file may stand in their way)."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         example = "forecast.zarr" if folder else "model.pt"
@@ -183,8 +185,9 @@ def check_path(out: Path, *, folder: bool) -> None:
     if out.is_symlink():
         raise UsageError(f"--out {out} is a symbolic link; dyf does not write through links: give the real "
                          "path or another name")
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of --out {out} does not exist; create {out.parent} first")
+    blocking = next((parent for parent in out.parents if parent.exists() or parent.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UsageError(f"--out {out} lies under {blocking}, which is not a folder; choose another --out")
     if out.exists() and out.is_dir() != folder:
         if folder:
             raise UsageError(f"--out {out} is a file but the output is a folder (a Zarr store); choose another --out")
@@ -269,10 +272,36 @@ def claim_output(out: Path | str, kind: str, *, overwrite: bool = False, resume:
     if launch_rank() != 0:
         yield out
         return
-    with output_lock(out):
-        remove_strays(out, kind)
-        check_existing(out, kind, overwrite=overwrite, resume=resume, hint=hint)
-        yield out
+    created = make_parents(out)
+    try:
+        with output_lock(out):
+            remove_strays(out, kind)
+            check_existing(out, kind, overwrite=overwrite, resume=resume, hint=hint)
+            yield out
+    except BaseException:
+        remove_empty_folders(created)  # a refused or failed command leaves nothing behind
+        raise
+
+
+def make_parents(out: Path) -> list[Path]:
+    """Create the missing folders above `out`; returns them, deepest first."""
+    missing = [parent for parent in Path(out).parents if not parent.exists()]
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        remove_empty_folders(missing)
+        raise UsageError(f"cannot create {Path(out).parent}, the folder of --out {out} ({err.strerror}); "
+                         "choose a folder you can write to") from None
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders `make_parents` created (deepest first) while they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there (a saved state): keep it and every folder above
+            return
 
 
 _HELD_LOCKS: set[int] = set()

@@ -3,7 +3,8 @@
 - `scores_<field>.png`: CRPS, RMSE, spread and SSR against lead time, with persistence and climatology;
 - `maps_<field>.png`: one initial time at the last scored lead: truth, ensemble mean, error, spread and a
   few members; invalid points (land, obstacles) in grey; north up;
-- `rank_histogram_<field>.png`: frequency of the truth's rank among the members (flat = calibrated);
+- `rank_histogram_<field>.png`: frequency of the truth's rank among the members (flat = calibrated),
+  pooled over lead times and, below, for up to `LEADS_SHOWN` lead times from first to last;
 - `rollout_<field>.gif` (or `.png`, a strip of frames, when Pillow is missing): truth, ensemble mean and
   one member through the lead times.
 
@@ -23,6 +24,7 @@ REFERENCE_STYLE = {"persistence": dict(color="tab:orange", linestyle="--"),
 SCORE_PANELS = (("crps", "CRPS"), ("rmse", "RMSE of the ensemble mean"), ("spread", "spread"),
                 ("ssr", "spread-skill ratio"))
 MEMBERS_SHOWN = 3
+LEADS_SHOWN = 8
 
 
 def _pyplot():
@@ -58,8 +60,21 @@ def _lead_label(summary: dict, index: int) -> str:
 
 
 def _lead_axis_label(summary: dict) -> str:
+    """With its unit; a store with float times (simulations) has none: its lead times are in the data's own
+    time units, which the label says rather than leave the axis bare."""
     unit = summary["lead_time_units"]
-    return f"lead time [{unit}]" if unit else "lead time"
+    return f"lead time [{unit}]" if unit else "lead time [data time units]"
+
+
+def _legend_below(figure, axes) -> None:
+    """One legend for the figure, under the panels, where it hides no data (duplicate labels merged)."""
+    labelled = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    if labelled:
+        figure.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=len(labelled), fontsize=8,
+                      frameon=False)
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -82,16 +97,15 @@ def plot_scores(path: Path, summary: dict, field: str, unit: str) -> Path:
                       label="finite-ensemble corrected")
             axis.axhline(1.0, color="grey", linewidth=0.8)
             axis.set_ylim(bottom=0, top=max(1.2, float(np.nanmax(np.r_[forecast, unbiased, 1.0])) * 1.1))
-            axis.legend(fontsize=8)
         if metric == "spread":
             axis.set_ylim(bottom=0, top=max(float(np.nanmax(np.r_[forecast, 0.0])) * 1.2, 1e-12))
         axis.set_title(title)
         axis.set_xlabel(_lead_axis_label(summary))
         axis.set_ylabel(metric if metric == "ssr" else f"{metric} [{unit}]" if unit else metric)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend_below(figure, axes[0])
     figure.suptitle(f"{field}: scores against lead time")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
@@ -102,20 +116,51 @@ def _floats(values: list) -> np.ndarray:
 
 
 def plot_rank_histogram(path: Path, summary: dict, field: str) -> Path:
+    """Pooled over all lead times on top; below, one panel per lead time (`shown_leads`), same y scale."""
     plt = _pyplot()
-    counts = np.asarray(summary["rank_histogram"][field]["total"], dtype=np.float64)
-    frequency = counts / max(counts.sum(), 1.0)
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    axis.bar(np.arange(counts.size), frequency, width=1.0, color="tab:blue", edgecolor="white")
-    axis.axhline(1.0 / counts.size, color="black", linestyle="--", linewidth=1, label="calibrated (flat)")
-    axis.set_xlabel(f"rank of the truth among {counts.size - 1} members")
-    axis.set_ylabel("frequency")
-    axis.set_title(f"{field}: rank histogram (all lead times)")
-    axis.legend(fontsize=8, loc="lower center")
-    figure.tight_layout()
+    histogram = summary["rank_histogram"][field]
+    per_lead = np.asarray(histogram["per_lead"], dtype=np.float64)
+    leads = shown_leads(per_lead.shape[0])
+    columns = min(4, len(leads))
+    rows = 1 + -(-len(leads) // columns)
+    figure = plt.figure(figsize=(3.2 * columns, 2.6 * rows + 0.6))
+    grid = figure.add_gridspec(rows, columns)
+    pooled = figure.add_subplot(grid[0, :])
+    _rank_bars(pooled, np.asarray(histogram["total"], dtype=np.float64))
+    pooled.set_title("all lead times", fontsize=10)
+    pooled.set_xlabel(f"rank of the truth among {per_lead.shape[1] - 1} members")
+    panels = [pooled]
+    for number, lead in enumerate(leads):
+        axis = figure.add_subplot(grid[1 + number // columns, number % columns], sharey=pooled)
+        _rank_bars(axis, per_lead[lead])
+        axis.set_title(_lead_label(summary, lead), fontsize=9)
+        axis.set_xlabel("rank", fontsize=8)
+        if number % columns:
+            axis.set_ylabel("")
+        panels.append(axis)
+    _legend_below(figure, [pooled])
+    figure.suptitle(f"{field}: rank histograms (flat = calibrated)")
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def shown_leads(count: int) -> list[int]:
+    """Up to `LEADS_SHOWN` lead indices, evenly spread from the first to the last."""
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(count, LEADS_SHOWN))})
+
+
+def _rank_bars(axis, counts: np.ndarray) -> None:
+    """Frequencies of each rank (0 .. members) with integer ticks, and the flat line of a calibrated ensemble."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.bar(np.arange(counts.size), counts / max(counts.sum(), 1.0), width=1.0, color="tab:blue",
+             edgecolor="white")
+    axis.axhline(1.0 / counts.size, color="black", linestyle="--", linewidth=1, label="calibrated (flat)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(counts.size, 10)))
+    axis.set_xlim(-0.5, counts.size - 0.5)
+    axis.set_ylabel("frequency")
 
 
 # ----------------------------------------------------------------------------------------------- maps

@@ -42,16 +42,62 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
+# Units whose plural is not the singular + "s"; `Progress` takes either form.
+_IRREGULAR_PLURALS = {"box": "boxes", "trajectory": "trajectories"}
+
+
+def count_of(count: int | float, unit: str) -> str:
+    """`count_of(1, "step")` -> "1 step", `count_of(150, "steps")` -> "150 steps" (`unit` in either form)."""
+    singular = _singular(unit)
+    return f"{count} {singular if count == 1 else _plural(singular)}"
+
+
+def _singular(unit: str) -> str:
+    for singular, plural in _IRREGULAR_PLURALS.items():
+        if unit == plural:
+            return singular
+    return unit[:-1] if unit.endswith("s") and not unit.endswith("ss") and len(unit) > 2 else unit
+
+
+def _plural(singular: str) -> str:
+    return _IRREGULAR_PLURALS.get(singular, singular + "s")
+
+
+def format_duration(seconds: float) -> str:
+    """4.2 s, 42 s, 3 min 05 s, 2 h 07 min: what a person reads in a log line."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f} s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _format_info(info: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+
+
 class Progress:
-    """Count work done towards a total; draw a bar on a terminal or log every few seconds otherwise."""
+    """Count work done towards a total; draw a bar on a terminal or log every few seconds otherwise.
+
+    `advance(n, **info)` counts `n` more units; `info` (e.g. loss=0.12) is shown on the bar and in the
+    log lines. Plain lines carry the rate and, with a total, the time left; the last line is written
+    once, when the block ends, unless the previous line already said the same.
+    """
 
     def __init__(self, description: str, total: int | None, unit: str = "it"):
         self.description = description
         self.total = total
-        self.unit = unit
+        self.unit = _singular(unit)
         self.done = 0
+        self.info: dict = {}
         self._start = time.monotonic()
         self._last_log = self._start
+        self._logged_done: int | None = None
         self._rich = None
         self._task = None
 
@@ -64,41 +110,52 @@ class Progress:
 
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                TextColumn(_plural(self.unit)), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False,
             )
             self._rich.__enter__()
-            self._task = self._rich.add_task(self.description, total=self.total)
+            self._task = self._rich.add_task(self.description, total=self.total, info="")
         else:
-            log.info("%s: started (%s %s)", self.description, self.total if self.total is not None else "?", self.unit)
+            total = count_of(self.total, self.unit) if self.total is not None else f"? {_plural(self.unit)}"
+            log.info("%s: started (%s)", self.description, total)
         return self
 
     def advance(self, n: int = 1, **info: object) -> None:
         self.done += n
+        self.info.update(info)
         if self._rich is not None:
-            self._rich.update(self._task, advance=n)
+            self._rich.update(self._task, advance=n, info=_format_info(self.info))
             return
         now = time.monotonic()
         if now - self._last_log >= PLAIN_PROGRESS_INTERVAL_S:
             self._last_log = now
-            self._log_line(info)
+            self._log_line()
 
-    def _log_line(self, info: dict) -> None:
+    def line(self) -> str:
+        """The plain progress line: `train interpolator: 40/150 steps (3.1 steps/s, 13 s, ETA 35 s) loss=0.2`."""
         elapsed = time.monotonic() - self._start
-        total = f"/{self.total}" if self.total is not None else ""
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in info.items())
-        log.info("%s: %d%s %s (%.3g %s/s, %.0f s)%s", self.description, self.done, total, self.unit,
-                 rate, self.unit, elapsed, extra)
+        done = f"{self.done}/{count_of(self.total, self.unit)}" if self.total is not None else count_of(self.done, self.unit)
+        timing = [f"{rate:.3g} {_plural(self.unit)}/s", format_duration(elapsed)]
+        if self.total is not None and self.done < self.total and rate > 0:
+            timing.append(f"ETA {format_duration((self.total - self.done) / rate)}")
+        extra = _format_info(self.info)
+        return f"{self.description}: {done} ({', '.join(timing)})" + (f" {extra}" if extra else "")
+
+    def _log_line(self) -> None:
+        self._logged_done = self.done
+        log.info("%s", self.line())
 
     def __exit__(self, *exc: object) -> None:
         if self._rich is not None:
             self._rich.__exit__(*exc)
-        elif exc[0] is None:
-            self._log_line({})
+        elif exc[0] is None and self._logged_done != self.done:
+            self._log_line()
 
 
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "it") -> Iterator[Progress]:
+    """A `Progress` for the `with` block; `unit` is a noun in either number ("step" or "steps")."""
     with Progress(description, total, unit) as bar:
         yield bar
 

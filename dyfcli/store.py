@@ -1,4 +1,4 @@
-"""The data store (DESIGN §3): the one module that knows its schema.
+"""The data store (docs/design.md §3): the one module that knows its schema.
 
 A data store is a Zarr group written through xarray. Fields are float32 `(series, time, y, x)` in
 physical units, `mask(series, y, x)` marks valid points, `cond_<name>(series, y, x)` holds static
@@ -90,7 +90,8 @@ def provenance_attrs(source: str, recipe: dict) -> dict:
 
 
 def encoding_for(ds, time_chunk: int = 1) -> dict:
-    """Chunks of DESIGN §3: one series, `time_chunk` steps, the whole spatial field; every array checksummed."""
+    """Chunks of docs/design.md §3: one series, `time_chunk` steps, the whole spatial field; every array
+    checksummed."""
     encoding = {}
     for name, var in ds.data_vars.items():
         chunks = []
@@ -126,7 +127,7 @@ def write_store(ds, out: Path, overwrite: bool = False, time_chunk: int = 1) -> 
 # ----------------------------------------------------------------------------------------------- schema
 
 def validate_dataset(ds) -> None:
-    """Check the schema of DESIGN §3; raise DataError naming what is wrong."""
+    """Check the schema of docs/design.md §3; raise DataError naming what is wrong."""
     fields = ds.attrs.get("dyf_fields")
     if not fields:
         raise DataError("not a dyf data store: the attribute 'dyf_fields' is missing; create it with `dyf prepare`")

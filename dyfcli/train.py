@@ -29,8 +29,9 @@ is reseeded from (seed, rank, step) at every optimiser step, so a resumed run re
 uninterrupted run would have done, without storing RNG states.
 
 Outputs: `--out` (the inference checkpoint, `checkpoint.py`), `<out>.run/config.yaml` (the resolved
-config), `<out>.run/metrics.jsonl` (one JSON line per logged step and per validation), and while a run is
-unfinished `<out>.state.pt` (removed when it completes).
+config), `<out>.run/metrics.jsonl` (one JSON line per logged step and per validation, plus events; a resume
+first drops the records after the saved step, which it repeats), and while a run is unfinished
+`<out>.state.pt` (removed when it completes).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,7 +54,8 @@ from torch import nn
 
 from dyfcli import checkpoint as ckpt
 from dyfcli import outputs
-from dyfcli.config import RunConfig, apply_overrides, config_from_dict, load_config, read_preset, to_yaml
+from dyfcli.config import (RunConfig, apply_overrides, config_from_dict, load_config, read_preset,
+                           require_stochastic_interpolator, to_yaml)
 from dyfcli.errors import Cancelled, ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
                           load_weights, members_first, repeat_members)
@@ -177,6 +181,7 @@ def train_interpolator(data: Path | str, out: Path | str, config: RunConfig, *, 
                        overwrite: bool = False) -> dict:
     """Train DYffusion's stage 1 on `data` with `config` (`config.load_config`); the best interpolator by
     validation CRPS goes to `out`."""
+    require_stochastic_interpolator(config)
     with _claim_output(Path(out), overwrite, [data]), distributed() as ranks:
         return _fit("interpolator", config, Path(data), Path(out), None, device, overwrite, ranks)
 
@@ -190,22 +195,27 @@ def train_forecaster(data: Path | str, out: Path | str, *, interpolator: Path | 
     Without `preset` the configuration is the interpolator's (plus `overrides`); the `interpolator`
     section always stays the one the interpolator was trained with.
     """
-    if method not in ("dyffusion", *ckpt.BASELINE_KINDS):
-        raise UsageError(f"--method {method!r} is not one of dyffusion, {', '.join(ckpt.BASELINE_KINDS)}")
-    stage1 = None
-    if method == "dyffusion":
-        if interpolator is None:
-            raise UsageError("train-forecaster --method dyffusion needs --interpolator interpolator.pt "
-                             "(from `dyf train-interpolator`)")
-        stage1 = ckpt.load_checkpoint(Path(interpolator), expect_kind="interpolator")
-        ckpt.require_complete(stage1, Path(interpolator))
-        config = forecaster_config(stage1, preset, overrides)
-    else:
-        if interpolator is not None:
-            log.warning("--interpolator is ignored by the %s baseline", method)
-        config = load_config(preset, overrides)
+    config, stage1 = resolve_forecaster(method, interpolator, preset, overrides)
     with _claim_output(Path(out), overwrite, [data, interpolator]), distributed() as ranks:
         return _fit(method, config, Path(data), Path(out), stage1, device, overwrite, ranks)
+
+
+def resolve_forecaster(method: str, interpolator: Path | str | None, preset: str | None,
+                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, ckpt.Checkpoint | None]:
+    """`train_forecaster`'s config and its loaded interpolator checkpoint (None for a baseline): everything
+    checked before an output is claimed, and all that `train-forecaster --dry-run` needs."""
+    if method not in ("dyffusion", *ckpt.BASELINE_KINDS):
+        raise UsageError(f"--method {method!r} is not one of dyffusion, {', '.join(ckpt.BASELINE_KINDS)}")
+    if method != "dyffusion":
+        if interpolator is not None:
+            log.warning("--interpolator is ignored by the %s baseline", method)
+        return load_config(preset, overrides), None
+    if interpolator is None:
+        raise UsageError("train-forecaster --method dyffusion needs --interpolator interpolator.pt "
+                         "(from `dyf train-interpolator`)")
+    stage1 = ckpt.load_checkpoint(Path(interpolator), expect_kind="interpolator")
+    ckpt.require_complete(stage1, Path(interpolator))
+    return forecaster_config(stage1, preset, overrides), stage1
 
 
 def forecaster_config(interpolator: ckpt.Checkpoint, preset: str | None, overrides) -> RunConfig:
@@ -618,14 +628,86 @@ def _write_run_files(run: Run, resumed: bool) -> None:
         return
     run.run_dir.mkdir(exist_ok=True)
     (run.run_dir / "config.yaml").write_text(to_yaml(run.config))
+    if resumed:
+        _truncate_metrics(run.run_dir, run.saved_step)
     _append_metrics(run, {"event": "resumed" if resumed else "started", "kind": run.kind,
                           "world_size": run.ranks.world, "device": str(run.device), "data": str(run.data)})
+
+
+def _truncate_metrics(run_dir: Path, saved_step: int | None) -> None:
+    """Drop the step and validation records after `saved_step` from `metrics.jsonl` before a resume.
+
+    The resumed run repeats those steps (from the saved state, drawing the same numbers), so without this
+    each would appear twice. Events (started, resumed, interrupted, ...) are history and stay. A line a
+    kill cut short is dropped too (the next record would otherwise be glued to it). The new file is written
+    beside the run folder and renamed over the old one: a kill leaves the old file or the new one, and the
+    temporary name is one that `outputs.remove_strays` clears (inside the folder it would make the run
+    folder look foreign to `outputs`).
+    """
+    path = run_dir / "metrics.jsonl"
+    if saved_step is None or not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if _keep_record(line, saved_step)]
+    temporary = outputs.temporary_path(run_dir)
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+
+
+def _keep_record(line: str, saved_step: int) -> bool:
+    if not line.endswith("\n"):
+        return False  # cut short by a kill
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(record, dict):
+        return False
+    return "event" in record or not isinstance(record.get("step"), int) or record["step"] <= saved_step
 
 
 def _append_metrics(run: Run, record: dict) -> None:
     if run.ranks.is_main:
         with open(run.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def describe_run(run_dir: Path | str) -> dict:
+    """A JSON-ready summary of a run folder (`OUT.run/`) for `dyf inspect`: its config and where the run
+    stands (the last step, validation and event of `metrics.jsonl`). Lines a kill cut short are skipped."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not config_file.is_file() and not metrics_file.is_file():
+        raise DataError(f"{run_dir} holds neither config.yaml nor metrics.jsonl; give a run folder "
+                        "(OUT.run/ beside a `dyf train-*` output)")
+    try:
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    except yaml.YAMLError as err:
+        raise DataError(f"{config_file} is not readable YAML ({type(err).__name__}); it is a copy of the "
+                        "checkpoint's config: `dyf inspect` the checkpoint instead") from None
+    records = []
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    records = [record for record in records if isinstance(record, dict)]
+
+    def last(predicate) -> dict | None:
+        found = next((record for record in reversed(records) if predicate(record)), None)
+        if found is not None and isinstance(found.get("time"), (int, float)):  # seconds since 1970 -> ISO, UTC
+            found = {**found, "time": datetime.fromtimestamp(found["time"], timezone.utc).isoformat(timespec="seconds")}
+        return found
+
+    events = [record["event"] for record in records if "event" in record]
+    return {"kind": "run-folder", "path": str(run_dir), "records": len(records), "events": events,
+            "last_step": last(lambda record: "loss" in record),
+            "last_validation": last(lambda record: "val_crps" in record),
+            "last_event": last(lambda record: "event" in record),
+            "config": config}
 
 
 def _log_step(run: Run, progress: Progress, loss: torch.Tensor, learning_rate: float, extra: dict) -> dict:

@@ -100,8 +100,9 @@ def test_preset_found_in_installed_package_first(monkeypatch, tmp_path):
     # What a wheel installs: presets/ as the (namespace) package dyfcli.presets.
     package_dir = tmp_path / "site-packages" / "dyfcli" / "presets"
     package_dir.mkdir(parents=True)
-    (package_dir / "tiny.yaml").write_text("data: {horizon: 3}\n")
-    (package_dir / "packaged-only.yaml").write_text("training: {seed: 42}\n")
+    tiny = (config_module.checkout_preset_dir() / "tiny.yaml").read_text()
+    (package_dir / "tiny.yaml").write_text(tiny.replace("horizon: 4", "horizon: 3"))
+    (package_dir / "packaged-only.yaml").write_text("extends: tiny\ntraining: {seed: 42}\n")
     spec = importlib.machinery.ModuleSpec("dyfcli.presets", None, is_package=True)
     spec.submodule_search_locations = [str(package_dir)]
     module = types.ModuleType("dyfcli.presets")
@@ -116,7 +117,7 @@ def test_preset_found_in_installed_package_first(monkeypatch, tmp_path):
 
 def test_preset_by_file_path_and_unknown_names(tmp_path):
     custom = tmp_path / "mine.yaml"
-    custom.write_text("description: mine\ndata: {horizon: 5}\n")
+    custom.write_text("description: mine\nextends: tiny\ndata: {horizon: 5}\n")
     assert load_config(str(custom)).data.horizon == 5
     with pytest.raises(ConfigError, match="tiny"):
         load_config("no-such-preset")

@@ -118,7 +118,7 @@ def _bad_outs(work: Path) -> dict[str, Path]:
     (work / "file.txt").write_text("mine")
     (work / "link.zarr").symlink_to(work / "file.txt")
     return {"dot": Path("."), "dotdot": Path(".."), "symlink": work / "link.zarr",
-            "missing parent": work / "no" / "out.zarr"}
+            "under a file": work / "file.txt" / "out.zarr"}
 
 
 @pytest.mark.parametrize("command", ["prepare", "forecast", "evaluate", "train"])

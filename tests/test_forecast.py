@@ -310,8 +310,8 @@ def test_resume_overwrite_and_refusals(stores, tmp_path, monkeypatch):
         forecast.run_forecast(request)
     with pytest.raises(DataError, match="incomplete"):
         open_forecast(request.out)
-    with pytest.raises(UsageError, match="already exists.*--resume"):
-        forecast.run_forecast(request)
+    with pytest.raises(UsageError, match="other seed"):  # the same command resumes: tests/test_resume_outputs.py
+        forecast.run_forecast(replace(request, seed=6))
     with pytest.raises(UsageError, match="other seed"):
         forecast.run_forecast(replace(request, resume=True, seed=6))
     with pytest.raises(UsageError, match="other horizon"):
@@ -334,7 +334,7 @@ def test_resume_overwrite_and_refusals(stores, tmp_path, monkeypatch):
         forecast.run_forecast(replace(request, out=store.path, overwrite=True))
     assert open_store(store.path).fields == ["u", "v"]
     ds = open_forecast(request.out).ds
-    assert ds.attrs["dyf_truth"] == str(Path(store.path).resolve())
+    assert ds.attrs["dyf_truth_absolute"] == str(Path(store.path).resolve())
     assert len(ds.attrs["dyf_checkpoint_sha256"]) == 64 and ds.attrs["dyf_network_calls"]["per_member"] == 16
     assert ds.attrs["dyf_config"] == {"sampling": {"schedule": "full"}} and ds.attrs["dyf_schedule"] == "full"
 
@@ -349,7 +349,7 @@ def test_bad_inputs_raise_documented_errors(stores, tmp_path):
                                        data=store.path, device="cpu")
     cases = [
         (dict(horizon=0), 2, "--horizon"), (dict(ensemble=0), 2, "--ensemble"),
-        (dict(member_batch=0), 2, "--member-batch"), (dict(out=tmp_path / "no" / "f.zarr"), 2, "folder"),
+        (dict(member_batch=0), 2, "--member-batch"), (dict(out=tmp_path / "corrupt.pt" / "f.zarr"), 2, "not a folder"),
         (dict(checkpoint=tmp_path / "missing.pt"), 5, "does not exist"),
         (dict(checkpoint=tmp_path / "corrupt.pt"), 5, "cannot be read"),
         (dict(checkpoint=_fake_checkpoint(store, tmp_path / "interp.pt", kind="interpolator")), 5, "interpolator"),
@@ -510,7 +510,7 @@ def test_stop_request_ends_after_the_current_block_with_exit_75(stores, tmp_path
         forecast.run_blocks(collaborators, forecast.forecast_store.BlockWriter(out), [(0, 0), (0, 1), (0, 2)],
                             init, plan, forecast.window_valid_times(store, init, plan), seed=0, members=2,
                             member_batch=2, stop_requested=lambda: True)
-    assert caught.value.exit_code == 75 and "--resume" in caught.value.message
+    assert caught.value.exit_code == 75 and "re-run the same `dyf forecast` command" in caught.value.message
     assert forecast.forecast_store.BlockWriter(out).done().tolist() == [[True, False, False]]
 
 

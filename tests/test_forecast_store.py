@@ -1,4 +1,4 @@
-"""The forecast store schema (DESIGN §5): created empty, written block by block, completed, read back."""
+"""The forecast store schema (docs/design.md §5): created empty, written block by block, completed, read back."""
 
 import json
 
@@ -57,7 +57,7 @@ def test_blocks_then_complete_then_open(dated_store, tmp_path):
     for (s, i), block in list(blocks.items())[:3]:
         writer.write(s, i, block)
     assert writer.done().sum() == 3
-    with pytest.raises(DataError, match="incomplete.*--resume"):
+    with pytest.raises(DataError, match="incomplete.*re-run the same"):
         forecast_store.open_forecast(path)
     with pytest.raises(DataError, match="1 of 4 blocks"):
         forecast_store.mark_complete(path)

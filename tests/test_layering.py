@@ -1,4 +1,4 @@
-"""Data flows one way (STYLE §9): cli -> workflows -> leaves; maths modules import only torch and stdlib."""
+"""Data flows one way (docs/architecture.md): cli -> workflows -> leaves; maths modules import only torch and stdlib."""
 
 import ast
 import sys

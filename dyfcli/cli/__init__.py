@@ -21,6 +21,7 @@ from dyfcli.cli import train as _train  # noqa: F401,E402
 from dyfcli.cli import forecast as _forecast  # noqa: F401,E402
 from dyfcli.cli import evaluate as _evaluate  # noqa: F401,E402
 from dyfcli.cli import inspect as _inspect  # noqa: F401,E402
+from dyfcli.cli import presets as _presets  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:

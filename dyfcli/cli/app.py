@@ -7,6 +7,8 @@ global `--json`, as exactly one JSON document on stdout.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -15,24 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dyfcli.errors import DyfError
 
-app = typer.Typer(
-    name="dyf",
-    help="Train and run DYffusion probabilistic forecasters on gridded spatiotemporal data.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-prepare_app = typer.Typer(
-    help="Turn raw files or a built-in simulator into a data store (Zarr).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-app.add_typer(prepare_app, name="prepare")
+# `dyf --help` lists commands in the order a user runs them; commands not named here follow.
+PIPELINE_ORDER = ("prepare", "train-interpolator", "train-forecaster", "forecast", "evaluate", "inspect")
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
 @dataclass
@@ -44,16 +35,144 @@ class GlobalOptions:
 OPTIONS = GlobalOptions()
 
 
-@app.callback()
-def _global(
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON document on stdout at the end."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines; tracebacks for internal errors."),
-) -> None:
+class DyfCommand(TyperCommand):
+    """A command whose help reads like a classic Unix one (`dyf evaluate [OPTIONS] FORECAST`, `--out PATH`)
+    and that also takes the global `--json` and `--verbose` after its name (`dyf evaluate F --json`).
+
+    Typer shows required arguments as `{name}` and values as Python type names (`<list[str]>`); every
+    parameter without its own metavar gets an upper-case one here (`METAVARS`, else as argparse does:
+    `--method METHOD`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+            elif param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = _option_metavar(param.opts)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        """Arguments by their metavar alone (Typer appends a type such as `<path>`), then the options."""
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((param.metavar + ("..." if param.nargs != 1 else ""), record[1]))
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+# What the value of a common option is (docs/design.md §2 spells them so); other options show their own name.
+METAVARS = {"--out": "PATH", "--data": "STORE", "--truth": "STORE", "--ckpt": "MODEL.pt",
+            "--interpolator": "INTERPOLATOR.pt", "--preset": "NAME|FILE", "--set": "KEY=VALUE",
+            "--device": "auto|cpu|cuda[:N]", "--init": "SELECTION", "--steps": "SCHEDULE", "--horizon": "H",
+            "--ensemble": "M", "--seed": "S", "--member-batch": "B", "--plots": "DIR", "--var": "NAME[,NAME]",
+            "--from": "DIR", "--workers": "N", "--tile": "N", "--scheduler": "ADDRESS"}
+
+
+def _option_metavar(opts: list[str]) -> str:
+    """`METAVARS`, else as argparse does: `--member-batch` -> MEMBER_BATCH (its longest spelling)."""
+    longest = max(opts, key=len)
+    return METAVARS.get(longest) or longest.lstrip("-").upper().replace("-", "_")
+
+
+class DyfGroup(TyperGroup):
+    """Lists its commands in pipeline order (`PIPELINE_ORDER`), then the others as registered."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return [name for name in PIPELINE_ORDER if name in names] + [n for n in names if n not in PIPELINE_ORDER]
+
+
+class DyfTyper(typer.Typer):
+    """A Typer app whose commands are `DyfCommand`s taking the global flags too, so every command module
+    gets the same conventions."""
+
+    def command(self, *args, cls=None, **kwargs):
+        register = super().command(*args, cls=cls or DyfCommand, **kwargs)
+        return lambda function: register(_with_global_flags(function))
+
+
+def _with_global_flags(function: Callable) -> Callable:
+    """`function` with `--json` and `--verbose` added to its options, so they work after the command's
+    name as well as before it (`dyf evaluate F --json`)."""
+    signature = inspect.signature(function, eval_str=True)
+    flags = [
+        inspect.Parameter("dyf_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--json", help="Print one JSON document on stdout at the end (as `dyf --json`).")),
+        inspect.Parameter("dyf_verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--verbose", "-v", help="More log lines; tracebacks for internal errors (as `dyf --verbose`).")),
+    ]
+
+    @functools.wraps(function)
+    def command(*args, dyf_json: bool = False, dyf_verbose: bool = False, **kwargs):
+        _apply_global_flags(json_output=OPTIONS.json or dyf_json, verbose=OPTIONS.verbose or dyf_verbose)
+        return function(*args, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *flags])
+    command.__annotations__ = {**function.__annotations__, "dyf_json": bool, "dyf_verbose": bool}
+    return command
+
+
+def _apply_global_flags(json_output: bool, verbose: bool) -> None:
     OPTIONS.json = json_output
     OPTIONS.verbose = verbose
     from dyfcli.runtime import setup_logging
 
     setup_logging(verbose)
+
+
+app = DyfTyper(
+    name="dyf",
+    help="Train and run DYffusion probabilistic forecasters on gridded spatiotemporal data.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    cls=DyfGroup,
+    context_settings=CONTEXT_SETTINGS,
+)
+prepare_app = DyfTyper(
+    help="Turn raw files or a built-in simulator into a data store (Zarr).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    cls=DyfGroup,
+)
+app.add_typer(prepare_app, name="prepare")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dyfcli import __version__
+
+        print(f"dyf {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document on stdout at the end."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log lines; tracebacks for internal errors."),
+    _version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                  help="Print dyf's version and exit."),
+) -> None:
+    _apply_global_flags(json_output, verbose)
 
 
 def strict_json(document) -> str:

@@ -1,4 +1,4 @@
-"""`dyf evaluate FORECAST`: score a forecast store against its data store (DESIGN §6)."""
+"""`dyf evaluate FORECAST`: score a forecast store against its data store (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dyf forecast`: run a trained model from many initial conditions into a forecast store (DESIGN §5)."""
+"""`dyf forecast`: run a trained model from many initial conditions into a forecast store (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dyfcli.cli.app import app, run_command
+from dyfcli.runtime import count_of
 
 _INIT_HELP = (
     "Initial conditions inside the split: 'all' (every step whose whole horizon lies in the split; default "
@@ -21,7 +22,8 @@ def _render(summary: dict) -> str:
     return (f"forecast: {summary['out']}\n"
             f"  blocks: {summary['blocks_written']} written now, {summary['blocks_resumed']} already done, "
             f"{summary['blocks']} in all\n"
-            f"  {summary['members']} members x {summary['leads']} lead times ({summary['windows']} window(s)), "
+            f"  {count_of(summary['members'], 'member')} x {count_of(summary['leads'], 'lead time')} "
+            f"({count_of(summary['windows'], 'window')}), "
             f"{summary['network_calls_per_member']} network calls per member\n"
             f"  {summary['seconds']} s on {summary['device']}"
             + (f", {rate} batched network calls/s" if rate else ""))
@@ -59,15 +61,20 @@ def forecast_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     output_times: str | None = typer.Option(None, "--output-times", help="Lead times within one window, e.g. "
                                             "0.5,1,1.5,2 (fractional ones need a model with refinement)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted forecast into --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (a dyf forecast store)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted forecast into --out (the default "
+                                                        "when --out is an unfinished forecast made with the same "
+                                                        "options)."),
     bf16: bool = typer.Option(False, "--bf16", help="Run the networks under bfloat16 autocast (CUDA only; "
                                                      "recorded in the store as dyf_precision)."),
     compile_networks: bool = typer.Option(False, "--compile", help="torch.compile the networks (CUDA only; pays "
                                                                     "off on long forecasts)."),
 ) -> None:
     """Forecast ensembles from every chosen initial condition and write them, in physical units, to a
-    forecast store; run under torchrun or srun to spread initial conditions over GPUs."""
+    forecast store; run under torchrun or srun to spread initial conditions over GPUs.
+
+    An interrupted forecast (Ctrl-C, SIGTERM: exit 130, 75) continues when the same command runs again; a
+    finished --out, or one made with other options, needs --overwrite."""
 
     def workflow() -> dict:
         from dyfcli.forecast import ForecastRequest, run_forecast

@@ -1,1 +1,1 @@
-"""One module per raw source or simulator; each turns its input into a data store (DESIGN §3)."""
+"""One module per raw source or simulator; each turns its input into a data store (docs/design.md §3)."""

@@ -1,6 +1,6 @@
 """Built-in simulator of nn-benchmark's "navier-stokes-multi": channel flow past four random cylinders.
 
-Physics, as in the original (data-formats.md §3.1): incompressible flow of density 1 and viscosity 1e-3
+Physics, as in the original (docs/paper-notes.md §9.3): incompressible flow of density 1 and viscosity 1e-3
 in the DFG channel [0, 2.2] × [0, 0.41]; at x = 0 the parabolic inflow `U·4y(H−y)/H²·(1−e^{−5t})` with
 U = 1, no-slip walls at y = 0 and y = 0.41 and on four circular obstacles (radius ~ U(0.05, 0.1), placed by
 nn-benchmark's rejection sampling), do-nothing outflow at x = 2.2, fluid at rest at t = 0. Snapshots at

@@ -1,4 +1,4 @@
-"""Bring your own data: CF-convention gridded NetCDF or Zarr files -> a data store (DESIGN §3).
+"""Bring your own data: CF-convention gridded NetCDF or Zarr files -> a data store (docs/design.md §3).
 
 `prepare_netcdf` reads one or many files (globs and folders expanded), finds the time and horizontal
 axes from CF attributes (`axis`, `standard_name`, `units`) and common names, and writes the chosen
@@ -328,7 +328,7 @@ def _block_steps(part) -> int:
 
 def store_time_chunk(step_bytes: int) -> int:
     """Steps per Zarr chunk: whole fields of small tiles are grouped up to ~256 KiB (at most 8 steps,
-    the length of an SST training window); large fields get one step per chunk (DESIGN §3)."""
+    the length of an SST training window); large fields get one step per chunk (docs/design.md §3)."""
     steps = max(1, CHUNK_TARGET_BYTES // max(1, step_bytes))
     return min(MAX_TIME_CHUNK, 2 ** int(math.log2(steps)))
 
@@ -512,7 +512,7 @@ def _check_splits_select(times: np.ndarray, splits: dict) -> None:
 # ----------------------------------------------------------------------------------------------- series
 
 def to_series(source: Source, tile: int | None):
-    """The Dataset of DESIGN §3 without statistics: fields (series, time, y, x), mask, coordinates.
+    """The Dataset of docs/design.md §3 without statistics: fields (series, time, y, x), mask, coordinates.
 
     Returns it with the series labels (tile numbers `row * columns + column`; 0 without tiles)."""
     import xarray as xr

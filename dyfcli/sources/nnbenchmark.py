@@ -1,13 +1,13 @@
 """nn-benchmark's physical systems: read the original split directories, and write trajectories as a store.
 
-The nn-benchmark archive (Otness et al.; data-formats.md §3.3) holds one directory per split with
+The nn-benchmark archive (Otness et al.; docs/paper-notes.md §9.2) holds one directory per split with
 `trajectories.npz` (keys `traj_{i:05d}_{field}` plus shared arrays) and `system_meta.json`, whose
 per-trajectory `field_keys` map generic names (p, q, t, extra_fixed_mask, vertices, …) to npz keys. We read
 through `field_keys` only. Nodes are flattened with y fastest: Navier–Stokes 9282 = 221 (x) × 42 (y),
 spring mesh 100 = 10 (x) × 10 (y). Our stores use dims (y, x), the transpose of DYffusion's (x, y) grids.
 
 Both the reader and the built-in simulators produce a `Trajectories` value; `write_trajectories` adds the
-training-split statistics and writes the data store (DESIGN §3) atomically.
+training-split statistics and writes the data store (docs/design.md §3) atomically.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """NOAA OISST v2.1 daily sea surface temperature -> a data store of the paper's 60x60 boxes.
 
-Reads three layouts (reference/data-formats.md §1, §5):
+Reads three layouts (docs/paper-notes.md §9.1):
 
 * NOAA PSL yearly files `sst.day.mean.YYYY.nc` (older name `sst.day.mean.YYYY.v2.nc`): float32
   `sst(time, lat, lon)`, land = `missing_value` -9.96921e36, time in days since 1800-01-01;

@@ -1,6 +1,6 @@
 """Built-in simulator of nn-benchmark's spring mesh ("springmesh-10-perturball"), batched in PyTorch.
 
-Physics, as in the original (data-formats.md §3.2): 10 × 10 particles of unit mass at integer positions
+Physics, as in the original (docs/paper-notes.md §9.4): 10 × 10 particles of unit mass at integer positions
 (x, y) ∈ {0..9}², joined by springs (k = 1, rest length = initial distance, 1 or √2) to all 8 neighbours
 (342 springs); the top row y = 9 is pinned; velocity damping 0.1 (m q̈ = F(q) − 0.1 q̇), no gravity. Each
 free particle starts displaced by a vector of uniform angle and radius uniform over the annulus area
