@@ -538,6 +538,6 @@ def _geo(inputs: Inputs) -> dict:
     series = inputs.series_index[0]
     geo = {}
     for name in ("lat", "lon"):
-        if name in inputs.truth.variables:
+        if name in inputs.truth.variables and inputs.truth[name].ndim == 2:  # curvilinear (3-D) ones: no extent
             geo[name] = np.asarray(inputs.truth[name].values[series], dtype=np.float64)
     return geo

@@ -152,13 +152,13 @@ def parse_init_selection(text: str) -> tuple[str, object]:
     tokens = [token.strip() for token in text.split(",") if token.strip()]
     if tokens and all(re.fullmatch(r"\d+", token) for token in tokens):
         return "positions", [int(token) for token in tokens]
-    if tokens and all(re.fullmatch(r"\d{4}-\d{2}-\d{2}(T[\d:]+)?", token) for token in tokens):
+    if tokens and all(re.fullmatch(r"\d{4}-\d{2}-\d{2}(T\d{2}(:\d{2}){0,2})?", token) for token in tokens):
         try:
             return "dates", [np.datetime64(token) for token in tokens]
         except ValueError as err:
             raise UsageError(f"--init {text!r}: {err}") from None
     raise UsageError(f"--init {text!r} is not a selection: use all, first, every:N, positions such as 0,5,10 "
-                     "or dates such as 2020-01-01,2020-02-01 (see `dyf forecast --help`)")
+                     "or dates and date-times such as 2020-01-01,2020-02-01T06:00 (see `dyf forecast --help`)")
 
 
 def select_initial_conditions(store, split: str, selection: str | None, horizon: int) -> InitialConditions:
@@ -197,15 +197,27 @@ def _init_positions(kind: str, value, length: int, horizon: int, split_times: np
         return sorted(set(value))
     if not np.issubdtype(split_times.dtype, np.datetime64):
         raise DataError("--init dates need a dated store; this store has simulation times, give positions instead")
-    days = split_times.astype("datetime64[D]")
     positions = []
-    for date in value:
-        found = np.flatnonzero(days == date.astype("datetime64[D]"))
+    for when in value:  # exact times only: a date is its midnight, never the nearest step
+        found = np.flatnonzero(split_times == when)
         if not len(found):
-            raise DataError(f"--init {date} is not a time of the {split!r} split "
-                            f"({days[0]} to {days[-1]}); choose dates inside it")
+            raise DataError(f"--init {when} is not a time of the {split!r} split; "
+                            f"{_nearest_times(split_times, when)}")
         positions.append(int(found[0]))
     return sorted(set(positions))
+
+
+def _nearest_times(times: np.ndarray, when: np.datetime64) -> str:
+    """The advice for an `--init` time the split lacks: the times either side of it, or the split's span."""
+    unit = "D" if np.all(times.astype("datetime64[D]") == times) else "m"
+
+    def text(value) -> str:
+        return str(np.datetime_as_string(value, unit=unit))
+
+    index = int(np.searchsorted(times, when))
+    if index == 0 or index == len(times):
+        return f"it runs from {text(times[0])} to {text(times[-1])}; choose times inside it"
+    return f"the nearest are {text(times[index - 1])} and {text(times[index])}; choose one of them"
 
 
 def member_ids(series_index: int, time_index: int, members: range) -> torch.Tensor:

@@ -211,10 +211,13 @@ class DataStore:
         times = self.ds["time"].values
         if self.is_dated:
             lo = np.datetime64(first) if first is not None else None
-            # an inclusive end date covers the whole day
-            hi = np.datetime64(last) + np.timedelta64(1, "D") if last is not None else None
             start = 0 if lo is None else int(np.searchsorted(times, lo, side="left"))
-            stop = len(times) if hi is None else int(np.searchsorted(times, hi, side="left"))
+            if last is None:
+                stop = len(times)
+            elif "T" in str(last):  # an inclusive end date-time (sub-daily data) is that instant
+                stop = int(np.searchsorted(times, np.datetime64(last), side="right"))
+            else:  # an inclusive end date covers the whole day
+                stop = int(np.searchsorted(times, np.datetime64(last) + np.timedelta64(1, "D"), side="left"))
         else:
             start = 0 if first is None else int(np.searchsorted(times, float(first), side="left"))
             stop = len(times) if last is None else int(np.searchsorted(times, float(last), side="right"))

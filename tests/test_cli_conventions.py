@@ -92,7 +92,7 @@ def test_every_command_takes_h_and_its_usage_names_no_python_types(capsys):
     assert out.splitlines()[0] == "Usage: dyf evaluate [OPTIONS] FORECAST"
     _, out, _ = run_main(capsys, "prepare", "netcdf", "--help")
     assert out.splitlines()[0] == "Usage: dyf prepare netcdf [OPTIONS] PATHS..."
-    assert "--out PATH" in out and "--var NAME[,NAME]" in out
+    assert "--out PATH" in out and "--var NAME[@LEVEL][,...]" in out
 
 
 def test_help_lists_commands_in_pipeline_order(capsys):

@@ -208,7 +208,7 @@ def test_extra_dimension_needs_select(tmp_path):
     ds.to_netcdf(tmp_path / "ta.nc")
     with pytest.raises(DataError, match="extra dimension 'plev' of size 3.*--select plev=VALUE.*--var"):
         prepare_netcdf([str(tmp_path / "ta.nc")], ["ta"], tmp_path / "o.zarr")
-    prepare_netcdf([str(tmp_path / "ta.nc")], ["ta"], tmp_path / "o.zarr", select={"plev": "84000"})
+    prepare_netcdf([str(tmp_path / "ta.nc")], ["ta"], tmp_path / "o.zarr", select={"plev": "85000"})
     stored = open_store(tmp_path / "o.zarr").ds["ta"].values[0]
     np.testing.assert_array_equal(stored, ds["ta"].values[:, 1])
 

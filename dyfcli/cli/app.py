@@ -81,7 +81,7 @@ class DyfCommand(TyperCommand):
 METAVARS = {"--out": "PATH", "--data": "STORE", "--truth": "STORE", "--ckpt": "MODEL.pt",
             "--interpolator": "INTERPOLATOR.pt", "--preset": "NAME|FILE", "--set": "KEY=VALUE",
             "--device": "auto|cpu|cuda[:N]", "--init": "SELECTION", "--steps": "SCHEDULE", "--horizon": "H",
-            "--ensemble": "M", "--seed": "S", "--member-batch": "B", "--plots": "DIR", "--var": "NAME[,NAME]",
+            "--ensemble": "M", "--seed": "S", "--member-batch": "B", "--plots": "DIR", "--var": "NAME[@LEVEL][,...]",
             "--from": "DIR", "--workers": "N", "--tile": "N", "--scheduler": "ADDRESS"}
 
 

@@ -13,7 +13,7 @@ _INIT_HELP = (
     "Initial conditions inside the split: 'all' (every step whose whole horizon lies in the split; default "
     "for date splits), 'first' (the split's first step; default for series splits such as simulations, which "
     "start at step 0), 'every:N' (every N-th of 'all'), '0,5,10' (positions within the split, 0 = its first "
-    "step) or '2020-01-01,2020-02-01' (dates; dated stores only)."
+    "step) or '2020-01-01,2020-02-01T06:00' (dates or date-times, matched exactly; dated stores only)."
 )
 
 

@@ -9,9 +9,17 @@ variables as fields `(series, time, y, x)`. Decisions, so users know what they g
   the variable, file, count and first place, found in the same pass as the statistics. A valid point
   (see `mask`) without data in the training split is refused too: its statistics would be NaN.
 - Extra dimensions of size 1 (a depth `zlev`, an ensemble `number`) are dropped; a larger one must be
-  reduced with `--select DIM=VALUE` (nearest coordinate value).
+  reduced with `--select DIM=VALUE` (the coordinate value matched exactly, within float tolerance, never
+  the nearest: a value not present is a DataError naming those present).
+- Pressure levels become fields: `--var z@500` is the field `z500` (the level as written). The vertical
+  axis is found from CF attributes (axis Z, positive, air_pressure, pressure units) or usual names
+  (level, plev, pressure_level, isobaricInhPa); a level in hPa matches a Pa axis and the reverse.
+- The time is found on the dimension or, when the dimension's own coordinate is no real time (NEMO's
+  `time_counter`), in an auxiliary coordinate along it (`time_centered`, by standard_name or units).
+- GRIB files (`.grib`, `.grib2`) are read through xarray's cfgrib engine (extra `dyf[grib]`).
 - Latitude (or projected y) running north to south is flipped so row 0 is the southernmost; longitude
-  is kept as it is (0..360 or -180..180).
+  is kept as it is (0..360 or -180..180). Curvilinear 2-D latitude/longitude (NEMO's nav_lat/nav_lon) are
+  kept as `lat`/`lon` `(series, y, x)`, not flipped.
 - The time step must be regular: a fixed step (hourly, 6-hourly, daily...) or calendar months or
   years. Monthly data stamped mid-month (CMIP) are labelled by the first day of their month ("1MS").
   Daily or coarser steps are labelled by their date (00:00). Gaps or duplicates are a DataError.
@@ -25,31 +33,48 @@ variables as fields `(series, time, y, x)`. Decisions, so users know what they g
 - `mask` is True where every field is valid at the first time step. Points that are invalid later hold
   NaN and are set to 0 after normalisation by the loader.
 - Normalisation `pixel` (default): mean and std of every point over the training split, accumulated in
-  float64 in one pass with the write; `global`: one mean and std per field. Standard deviations are
+  float64; `global`: one mean and std per field; `pixel-dayofyear` (dated data): mean and std of every
+  point and day of year (xarray's `dayofyear`; sub-daily steps count for their day), accumulated a
+  series and a time block at a time (memory: three float64 arrays of 366 x y x x), a day without
+  training data taking the nearest day's statistics as in `prepare sst`. Standard deviations are
   floored at 1e-3 of the field's overall training std so that a point constant in training cannot blow
   up later. Points with no training data keep NaN statistics.
 - Without split flags the last 10 % of the dates are the test split and the 10 % before them the
-  validation split (rounded to whole dates; the summary says so).
+  validation split (rounded to whole dates; the summary says so). Sub-daily data covering fewer than
+  10 dates are split by time steps instead. Split flags take dates or date-times (`2017-08-01T06:00`).
+- Variables may come from different files (one folder per variable, split by year): the files holding
+  the same variables are concatenated along time, then joined with the others on time and grid, which
+  must be equal (a DataError names the files otherwise; nothing is aligned, regridded or filled).
 - Data flow through Dask in blocks of about 16 MB of the source grid (peak memory ~0.6 GB for a
-  720 x 1440 daily file, whatever its length); the raw files are read once for fields and statistics.
+  720 x 1440 daily file, whatever its length), on local threads or a `distributed` cluster
+  (`--scheduler`). The raw files are read once: the fields are written a time block at a time into a
+  marked staging store, with a marker per block, so an interrupted run re-run with the same command
+  (and unchanged files) skips the blocks written; statistics are then read back from the staged fields.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import math
+import os
+import re
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from dask.callbacks import Callback
 
 from dyfcli.errors import DataError, UsageError
-from dyfcli.runtime import progress
+from dyfcli.runtime import fault_point, progress
 from dyfcli.store import (DataStore, claim_output, encoding_for, finalize, new_staging, provenance_attrs,
-                          validate_dataset)
+                          staging_path, validate_dataset)
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
+GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
+GRIB_EXTRA = "pip install 'dyf[grib]'"
 TIME_NAMES = ("time", "valid_time", "t", "date", "datetime", "time_counter")
 Y_NAMES = ("lat", "latitude", "y", "rlat", "yc", "nj", "j", "south_north", "nlat")
 X_NAMES = ("lon", "longitude", "x", "rlon", "xc", "ni", "i", "west_east", "nlon")
@@ -60,6 +85,9 @@ STD_FLOOR_FRACTION = 1e-3
 BLOCK_BYTES = 16 * 2**20
 CHUNK_TARGET_BYTES = 256 * 2**10
 MAX_TIME_CHUNK = 8
+NORMALIZATIONS = ("pixel", "global", "pixel-dayofyear")
+DAYS_OF_YEAR = 366  # rows of pixel-dayofyear statistics: day d (xarray's dayofyear) is row d - 1
+PROGRESS_DIR = ".dyf-progress"  # inside the staging store: the job's fingerprint and one marker per written block
 FILE_COORD = "dyf_file_index"  # carried along time (sorting, calendar conversion) until `to_series` drops it
 
 
@@ -82,23 +110,36 @@ class Source:
 def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: int | None = None,
                    train_until: str | None = None, val: str | None = None, test: str | None = None,
                    normalization: str = "pixel", select: dict[str, str] | None = None,
-                   overwrite: bool = False) -> dict:
-    """Build a data store from CF gridded files; returns a JSON-ready summary."""
+                   overwrite: bool = False, scheduler: str | None = None) -> dict:
+    """Build a data store from CF gridded files; returns a JSON-ready summary.
+
+    `scheduler`: a Dask distributed scheduler address (default: env DASK_SCHEDULER_ADDRESS; none: local
+    threads); its workers must see the input files and the output folder."""
+    from dyfcli.sources.oisst import connect_scheduler
+
     inputs = [match for text in paths for match in (glob.glob(text) if any(c in text for c in "*?[") else [text])]
     with claim_output(Path(out), overwrite, inputs=inputs):  # held until the store is renamed into place
-        return _prepare_netcdf(paths, variables, Path(out), tile=tile, train_until=train_until, val=val,
-                               test=test, normalization=normalization, select=select)
+        client = connect_scheduler(scheduler)
+        try:
+            return _prepare_netcdf(paths, variables, Path(out), tile=tile, train_until=train_until, val=val,
+                                   test=test, normalization=normalization, select=select, client=client)
+        finally:
+            if client is not None:
+                client.close()
 
 
 def _prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: int | None,
                     train_until: str | None, val: str | None, test: str | None, normalization: str,
-                    select: dict[str, str] | None) -> dict:
+                    select: dict[str, str] | None, client=None) -> dict:
     if tile is not None and tile < 2:
         raise UsageError(f"--tile {tile}: a tile must be at least 2 x 2 points")
-    if normalization not in ("pixel", "global"):
-        raise UsageError(f"--normalization {normalization!r}: choose pixel or global")
+    if normalization not in NORMALIZATIONS:
+        raise UsageError(f"--normalization {normalization!r}: choose {', '.join(NORMALIZATIONS)}")
     source = open_source(expand_paths(paths), variables, select or {})
     step, is_dated = regularize_time(source)
+    if normalization == "pixel-dayofyear" and not is_dated:
+        raise UsageError("--normalization pixel-dayofyear needs dated time steps, and these files' time axis "
+                         "has no calendar units; use --normalization pixel or global")
     splits, default_splits = choose_splits(source.ds["time"].values, train_until, val, test, is_dated)
     if default_splits:
         source.notes.append(f"no split flags: using train {_span(splits['train'])}, val {_span(splits['val'])}, "
@@ -108,10 +149,14 @@ def _prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: 
         ", ".join(str(p) for p in paths),
         {"paths": [str(p) for p in paths], "files": len(source.files), "variables": variables, "tile": tile,
          "select": select or {}, "normalization": normalization, "splits": splits}))
-    dataset.attrs.update({"dyf_fields": list(variables), "dyf_splits": splits, "dyf_normalization": normalization,
-                          "dyf_time_step": step, "dyf_calendar": source.calendar})
-    split_steps = write(dataset, out, normalization, source.step_files)
-    return _summary(out, source, dataset, tiles, split_steps, step, tile)
+    dataset.attrs.update({"dyf_fields": [field_name(v) for v in variables], "dyf_splits": splits,
+                          "dyf_normalization": normalization, "dyf_time_step": step, "dyf_calendar": source.calendar})
+    written = write(dataset, out, normalization, source.step_files, files=source.files, client=client)
+    if written["filled_days"]:
+        source.notes.append(f"{len(written['filled_days'])} days of year without training data took the nearest "
+                            f"day's statistics: {', '.join(map(str, written['filled_days'][:10]))}"
+                            f"{' ...' if len(written['filled_days']) > 10 else ''}")
+    return _summary(out, source, dataset, tiles, written, step, tile)
 
 
 def _span(rule: dict) -> str:
@@ -143,7 +188,8 @@ def _is_zarr(path: Path) -> bool:
 
 
 def _files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_zarr(p) or (p.is_file() and p.suffix.lower() in NETCDF_SUFFIXES))
+    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
+    return sorted(p for p in folder.iterdir() if _is_zarr(p) or (p.is_file() and p.suffix.lower() in suffixes))
 
 
 def _check_format(path: Path) -> None:
@@ -151,23 +197,63 @@ def _check_format(path: Path) -> None:
         return
     if path.is_dir():
         raise DataError(f"{path} is a folder but not a Zarr store; give NetCDF files or a Zarr store")
+    if _is_grib(path):
+        _require_grib(path)
+        return
     with open(path, "rb") as handle:
         magic = handle.read(8)
     if not (magic[:3] == b"CDF" or magic == b"\x89HDF\r\n\x1a\n"):
-        raise DataError(f"{path} is not a NetCDF file (neither NetCDF-3 nor NetCDF-4/HDF5); "
-                        "give NetCDF or Zarr files, or convert it first (e.g. with cdo or xarray)")
+        raise DataError(f"{path} is not a NetCDF file (neither NetCDF-3 nor NetCDF-4/HDF5) nor GRIB; "
+                        "give NetCDF, GRIB or Zarr files, or convert it first (e.g. with cdo or xarray)")
 
 
-def _open_file(path: Path):
+def _is_grib(path: Path) -> bool:
+    """GRIB 1 or 2, by suffix or by the `GRIB` that starts its first message."""
+    if path.suffix.lower() in GRIB_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GRIB"
+
+
+def _require_grib(path: Path) -> None:
+    """GRIB is read by xarray's cfgrib engine, an optional extra that brings the ecCodes library."""
+    import importlib
+
+    try:
+        importlib.import_module("cfgrib")
+    except Exception as err:  # noqa: BLE001 - ImportError, or RuntimeError when ecCodes is missing
+        raise DataError(f"{path} is GRIB, which needs cfgrib and ecCodes ({type(err).__name__}: {err}); "
+                        f"install them with {GRIB_EXTRA}") from None
+
+
+def _open_file(path: Path, decode_times: bool = True):
     import xarray as xr
 
     try:
         if _is_zarr(path):
-            return xr.open_dataset(path, engine="zarr", chunks=None, mask_and_scale=True)
-        return xr.open_dataset(path, chunks=None, mask_and_scale=True)
+            return xr.open_dataset(path, engine="zarr", chunks=None, mask_and_scale=True, decode_times=decode_times)
+        if _is_grib(path):  # indexpath "": no .idx files written beside the user's data
+            return xr.open_dataset(path, engine="cfgrib", chunks=None, mask_and_scale=True, decode_times=decode_times,
+                                   backend_kwargs={"indexpath": ""})
+        return xr.open_dataset(path, chunks=None, mask_and_scale=True, decode_times=decode_times)
     except Exception as err:  # noqa: BLE001 - backends raise many types for unreadable files
+        match = re.search(r"decode time units '([^']*)'", str(err))
+        if match and decode_times:
+            raise _undecodable_time(path, match.group(1)) from None
         raise DataError(f"cannot read {path} ({type(err).__name__}: {err}); check that it is a complete "
-                        "NetCDF or Zarr file") from None
+                        "NetCDF, GRIB or Zarr file") from None
+
+
+def _undecodable_time(path: Path, units: str) -> DataError:
+    """xarray's own message suggests `decode_times=False`, which the CLI does not have: name the variable
+    and its units, and the fix that lies with the file."""
+    with _open_file(path, decode_times=False) as ds:
+        names = [str(n) for n, v in ds.variables.items() if str(v.attrs.get("units", "")) == units]
+        calendar = next((str(ds[n].attrs["calendar"]) for n in names if "calendar" in ds[n].attrs), "standard")
+    return DataError(f"{path}: the time units {units!r} of {', '.join(map(repr, names)) or 'a variable'} cannot "
+                     f"be decoded in the {calendar} calendar (year 0 does not exist there; or the unit is "
+                     "unknown); correct the units attribute in the file, e.g. with NCO: ncatted -a "
+                     f"units,{names[0] if names else 'time'},o,c,'hours since 0001-01-01' {path.name}")
 
 
 # ------------------------------------------------------------------------------------------------- axes
@@ -215,6 +301,8 @@ def find_axes(ds, name: str) -> dict[str, str]:
                             "select one with --select")
         roles[role] = dim
     if "time" not in roles:
+        roles.update(_auxiliary_time_dim(var, roles))
+    if "time" not in roles:
         raise DataError(f"variable {name!r} (dims {var.dims}) has no time axis; dyf needs a time dimension "
                         "marked axis='T', standard_name='time' or CF time units")
     for role, example in (("y", "latitude/y"), ("x", "longitude/x")):
@@ -224,43 +312,174 @@ def find_axes(ds, name: str) -> dict[str, str]:
     return roles
 
 
-def select_dims(ds, select: dict[str, str], path: Path):
-    """Apply `--select DIM=VALUE`: the nearest coordinate value, or an index when there is no coordinate."""
+def _auxiliary_time_dim(var, roles: dict[str, str]) -> dict[str, str]:
+    """{'time': dim} when an auxiliary time coordinate lies along a dimension not yet given a role."""
+    for coord in var.coords.values():
+        if len(coord.dims) == 1 and coord.dims[0] not in roles.values() and _is_time(coord):
+            return {"time": coord.dims[0]}
+    return {}
+
+
+def select_dims(obj, select: dict[str, str], path: Path):
+    """Apply `--select DIM=VALUE` to the dimensions `obj` has (others are left to the variables that have
+    them): the coordinate value matched exactly (float tolerance), or an index when there is no
+    coordinate. Never the nearest value: a value not present is a DataError naming those present."""
+    for dim, value in select.items():
+        if dim in obj.dims:
+            obj = obj.isel({dim: _select_index(obj, dim, value, f"--select {dim}={value}", path)})
+    return obj
+
+
+def _select_index(obj, dim: str, value: str, what: str, path: Path, scales: tuple[float, ...] = (1.0,)) -> int:
+    """The index along `dim` whose coordinate equals `value` (times each of `scales`, in order)."""
+    if dim not in obj.coords:
+        if not value.lstrip("-").isdigit() or not -obj.sizes[dim] <= int(value) < obj.sizes[dim]:
+            raise DataError(f"{what}: {path} has no coordinate for {dim!r}, so give an index from 0 to "
+                            f"{obj.sizes[dim] - 1}")
+        return int(value)
+    values = obj[dim].values
+    if values.dtype.kind in "iuf":
+        try:
+            target = float(value)
+        except ValueError:
+            raise DataError(f"{what}: {value!r} is not a number; {_values_text(values)}") from None
+        for scale in scales:
+            hits = np.flatnonzero(np.isclose(values.astype(np.float64), target * scale, rtol=1e-6, atol=1e-9))
+            if len(hits):
+                return int(hits[0])
+    else:
+        hits = np.flatnonzero(values.astype(str) == value)
+        if len(hits):
+            return int(hits[0])
+    raise DataError(f"{what}: {path} has no {dim} {value}; {_values_text(values)}")
+
+
+def _values_text(values: np.ndarray) -> str:
+    shown = ", ".join(f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in values[:12])
+    return f"the values present are {shown}{' ...' if len(values) > 12 else ''}"
+
+
+# ------------------------------------------------------------------------------------------- variables
+
+LEVEL_NAMES = ("level", "plev", "pressure_level", "isobaricinhpa", "lev", "pressure", "pressure_levels")
+PRESSURE_UNITS = {"pa": 1.0, "hpa": 100.0, "millibar": 100.0, "millibars": 100.0, "mbar": 100.0, "mb": 100.0}
+BOUNDS_DIMS = ("bnds", "bounds", "nv", "nbnd", "axis_nbounds", "nvertex", "vertices")
+
+
+def parse_var(spec: str) -> tuple[str, str | None]:
+    """One `--var` item: `z@500` -> ('z', '500'), `t2m` -> ('t2m', None)."""
+    name, at, level = spec.partition("@")
+    if not name or (at and not level):
+        raise UsageError(f"--var {spec!r}: write NAME or NAME@LEVEL, e.g. t2m or z@500")
+    return name, level or None
+
+
+def field_name(spec: str) -> str:
+    """The store field of one `--var` item: the name and the level as written (`z@500` -> `z500`)."""
+    name, level = parse_var(spec)
+    return name + (level or "")
+
+
+def choosable_variables(ds) -> list[str]:
+    """Data variables a user may give to --var: gridded (2-D or more), bounds variables left out."""
+    bounds = {str(v.attrs.get("bounds")) for v in ds.variables.values() if "bounds" in v.attrs}
+    return [str(name) for name, var in ds.data_vars.items()
+            if var.ndim >= 2 and name not in bounds and not set(var.dims) & set(BOUNDS_DIMS)]
+
+
+def variable_fields(ds, spec: str, path: Path, select: dict[str, str], notes: list[str]) -> dict:
+    """Field name -> DataArray on dims (time, y, x), lazily indexed, for one `--var` item (`t2m`, `z@500`).
+
+    `--select` applies to the dimensions the variable has; `@LEVEL` picks one level of its vertical axis.
+    The time coordinate is the real time even when it is an auxiliary coordinate (NEMO's time_centered
+    on the dimension time_counter). Other coordinates are dropped."""
+    name, level = parse_var(spec)
+    if name not in ds.data_vars:
+        raise DataError(f"{path} has no variable {name}; choose --var from: "
+                        f"{', '.join(choosable_variables(ds)) or 'none'}")
+    roles = find_axes(ds, name)
+    da = select_dims(ds[name], select, path)
+    if level is not None:
+        da = _select_level(da, spec, roles, path)
+    da = _auxiliary_time(_squeeze_extra(da, roles, name, notes), roles["time"])
+    rename = {roles["time"]: "time", roles["y"]: "y", roles["x"]: "x"}
+    curvilinear = _curvilinear(da, roles)
+    return {field_name(spec): da.transpose(*rename).rename(rename).reset_coords(drop=True).assign_coords(curvilinear)}
+
+
+def _curvilinear(da, roles: dict[str, str]) -> dict:
+    """2-D latitude and longitude on the (y, x) dims (NEMO's nav_lat/nav_lon) as `lat`/`lon` (y, x),
+    kept only when the y or x dimension has no 1-D coordinate of its own."""
+    if roles["y"] in da.coords and roles["x"] in da.coords:
+        return {}
+    found = {}
+    for coord in da.coords.values():
+        role = axis_role("", coord) if set(coord.dims) == {roles["y"], roles["x"]} else None
+        if role in ("y", "x") and coord.dtype.kind in "iuf":
+            attrs = {k: v for k, v in coord.attrs.items() if k in COPIED_ATTRS}
+            found["lat" if role == "y" else "lon"] = (("y", "x"), coord.transpose(roles["y"], roles["x"]).values,
+                                                      attrs)
+    return found
+
+
+def _is_vertical(name: str, coord) -> bool:
+    """A vertical axis, from CF attributes (axis Z, positive, air_pressure, pressure units) or its name."""
+    if coord is not None and (_attr(coord, "axis") == "z" or _attr(coord, "positive") in ("up", "down")
+                              or _attr(coord, "standard_name") == "air_pressure"
+                              or _attr(coord, "units") in PRESSURE_UNITS):
+        return True
+    return name.lower() in LEVEL_NAMES
+
+
+def _select_level(da, spec: str, roles: dict[str, str], path: Path):
+    """`NAME@LEVEL`: the level matched exactly in the units of the file; a level written in hPa matches
+    Pa coordinates (and the reverse) when their units say so."""
+    name, level = parse_var(spec)
+    vertical = [d for d in da.dims if d not in roles.values() and _is_vertical(str(d), da.coords.get(d))]
+    if not vertical:
+        raise DataError(f"--var {spec}: variable {name!r} in {path} has no vertical axis (dims {da.dims}); "
+                        f"write --var {name} without @LEVEL")
+    dim = vertical[0]
+    scale = PRESSURE_UNITS.get(_attr(da.coords.get(dim), "units"))
+    scales = {None: (1.0,), 1.0: (1.0, 100.0)}.get(scale, (1.0, 0.01))  # hPa written, Pa stored; or the reverse
+    return da.isel({dim: _select_index(da, dim, level, f"--var {spec}", path, scales)})
+
+
+def _is_time(coord) -> bool:
+    kind = coord.dtype.kind
+    return kind == "M" or (kind == "O" and _is_cftime(coord)) or (kind in "iuf" and " since " in _attr(coord, "units"))
+
+
+def _auxiliary_time(da, dim: str):
+    """Use an auxiliary time coordinate along `dim` when the dimension's own is no real time (NEMO writes
+    time_counter without units, 0 in every file, and the time in time_centered)."""
+    if dim in da.coords and _is_time(da[dim]):
+        return da
+    for coord in da.coords.values():
+        if coord.name != dim and coord.dims == (dim,) and _is_time(coord):
+            return da.assign_coords({dim: coord.values})
+    return da
+
+
+def canonical_file(path: Path, variables: list[str], select: dict[str, str], notes: list[str]):
+    """One file's variables on dims (time, y, x), lazily indexed; coordinates kept on y and x only (and
+    curvilinear lat/lon on (y, x))."""
+    import xarray as xr
+
+    ds = _open_file(path)
     for dim, value in select.items():
         if dim not in ds.dims:
             raise DataError(f"--select {dim}={value}: {path} has no dimension {dim!r} "
                             f"(it has {', '.join(map(str, ds.dims))})")
-        if dim in ds.coords and ds[dim].dtype.kind in "iuf":
-            ds = ds.sel({dim: float(value)}, method="nearest")
-        elif dim in ds.coords and ds[dim].dtype.kind in "OUS":
-            if value not in ds[dim].values:
-                raise DataError(f"--select {dim}={value}: no such value; choose one of {list(ds[dim].values)[:10]}")
-            ds = ds.sel({dim: value})
-        else:
-            ds = ds.isel({dim: int(value)})
-    return ds
-
-
-def canonical_file(path: Path, variables: list[str], select: dict[str, str], notes: list[str]):
-    """One file's variables on dims (time, y, x), lazily indexed; coordinates kept on y and x only."""
-    import xarray as xr
-
-    ds = select_dims(_open_file(path), select, path)
-    missing = [name for name in variables if name not in ds.data_vars]
-    if missing:
-        available = ", ".join(n for n in ds.data_vars if ds[n].ndim >= 2) or "none"
-        raise DataError(f"{path} has no variable {', '.join(missing)}; choose --var from: {available}")
-    roles = find_axes(ds, variables[0])
-    arrays = {}
-    for name in variables:
-        var_roles = find_axes(ds, name)
-        if var_roles != roles:
-            raise DataError(f"variables {variables[0]!r} and {name!r} lie on different grids "
-                            f"({roles} vs {var_roles}); prepare them into separate stores")
-        arrays[name] = _squeeze_extra(ds[name], roles, name, notes)
-    rename = {roles["time"]: "time", roles["y"]: "y", roles["x"]: "x"}
-    out = xr.Dataset({name: da.transpose(*rename) for name, da in arrays.items()}).rename(rename)
-    return out.reset_coords(drop=True)  # scalar and auxiliary coordinates (number, expver, bounds) go
+    fields: dict = {}
+    for spec in variables:
+        fields.update(variable_fields(ds, spec, path, select, notes))
+    roles = {spec: find_axes(ds, parse_var(spec)[0]) for spec in variables}
+    for spec in variables[1:]:
+        if roles[spec] != roles[variables[0]]:
+            raise DataError(f"variables {variables[0]!r} and {spec!r} lie on different grids "
+                            f"({roles[variables[0]]} vs {roles[spec]}); prepare them into separate stores")
+    return xr.Dataset(fields)  # scalar and auxiliary coordinates (number, expver, bounds) are gone
 
 
 def _squeeze_extra(da, roles: dict[str, str], name: str, notes: list[str]):
@@ -268,8 +487,12 @@ def _squeeze_extra(da, roles: dict[str, str], name: str, notes: list[str]):
         if dim in roles.values():
             continue
         if da.sizes[dim] != 1:
+            coord = da.coords.get(dim)
+            levels = f" or one level per field (--var {name}@LEVEL)" if _is_vertical(dim, coord) else ""
+            present = _values_text(coord.values) if coord is not None else "it has no coordinate"
             raise DataError(f"variable {name!r} has an extra dimension {dim!r} of size {da.sizes[dim]}; dyf "
-                            f"stores 2-D fields: pick one with --select {dim}=VALUE or choose another --var")
+                            f"stores 2-D fields: pick one with --select {dim}=VALUE{levels} or choose another "
+                            f"--var ({present})")
         note = f"dropped the size-1 dimension {dim!r}"
         if note not in notes:
             notes.append(note)
@@ -280,28 +503,136 @@ def _squeeze_extra(da, roles: dict[str, str], name: str, notes: list[str]):
 # ----------------------------------------------------------------------------------------------- source
 
 def open_source(files: list[Path], variables: list[str], select: dict[str, str]) -> Source:
-    """All files as one lazy Dataset `(time, y, x)` sorted by time; grids must match exactly."""
-    import xarray as xr
+    """All files as one lazy Dataset `(time, y, x)` sorted by time; grids must match exactly.
 
+    Variables may sit in different files (reanalysis downloads keep one folder per variable, split by
+    year): the files holding the same variables are concatenated along time, then these groups are
+    joined on time and grid, which must agree exactly (nothing is aligned or filled)."""
     notes: list[str] = []
-    parts = [canonical_file(path, variables, select, notes) for path in files]
-    first = parts[0]
-    for path, part in zip(files[1:], parts[1:]):
-        _check_same_grid(files[0], first, path, part)
-    block = _block_steps(first)
-    parts = [p.chunk({"time": min(block, p.sizes["time"]), "y": -1, "x": -1})
-             .assign_coords({FILE_COORD: ("time", np.full(p.sizes["time"], index))})
-             for index, p in enumerate(parts)]
-    parts.sort(key=lambda p: _first_time(p))
-    ds = parts[0] if len(parts) == 1 else xr.concat(parts, dim="time", data_vars="all", coords="minimal",
-                                                     compat="override", join="override")
+    contents = {path: _contents(path) for path in files}
+    _check_select_dims(select, contents)
+    groups = [(paths, [canonical_file(path, specs, _select_in(select, contents[path][1]), notes) for path in paths])
+              for paths, specs in _group_by_variables(files, variables, {p: c[0] for p, c in contents.items()})]
+    first_path, first = groups[0][0][0], groups[0][1][0]
+    for paths, parts in groups:
+        for path, part in zip(paths, parts):
+            _check_same_grid(first_path, first, path, part)
+    block = _block_steps(first, sum(len(parts[0].data_vars) for _, parts in groups))
+    attrs = {name: dict(parts[0][name].attrs) for _, parts in groups for name in parts[0].data_vars}
+    ds = _join_groups([(paths, _concat_in_time(files, paths, parts, block)) for paths, parts in groups])
     source = Source(ds, files, notes=notes, block=block)
     source.calendar = _calendar(ds["time"])
     source.y_coord, source.x_coord = _coordinate(ds, "y"), _coordinate(ds, "x")
     _flip_south_up(source)
-    for name in variables:
-        source.ds[name].attrs = {k: v for k, v in first[name].attrs.items() if k in COPIED_ATTRS}
+    for name, values in attrs.items():
+        source.ds[name].attrs = {k: v for k, v in values.items() if k in COPIED_ATTRS}
     return source
+
+
+def _base_name(spec: str) -> str:
+    """The file variable of one `--var` item: `z@500` -> `z`."""
+    return spec.split("@", 1)[0]
+
+
+def _group_by_variables(files: list[Path], variables: list[str],
+                        held: dict[Path, list[str]]) -> list[tuple[list[Path], list[str]]]:
+    """(files, specs) pairs: the requested specs held by the same set of files, in the order asked.
+
+    A file holds a spec when the spec's variable is one of its data variables (`held`); a spec no file
+    holds is a DataError naming what the files hold."""
+    missing = [spec for spec in variables if not any(_base_name(spec) in names for names in held.values())]
+    if missing:
+        choices = ", ".join(dict.fromkeys(n for names in held.values() for n in names)) or "none"
+        where = (f"{files[0]} has no variable" if len(files) == 1
+                 else f"none of the {len(files)} files ({_holdings(held)}) has the variable")
+        raise DataError(f"{where} {', '.join(missing)}; choose --var from: {choices}")
+    groups: dict[tuple[Path, ...], list[str]] = {}
+    for spec in variables:
+        groups.setdefault(tuple(p for p in files if _base_name(spec) in held[p]), []).append(spec)
+    return [(list(paths), specs) for paths, specs in groups.items()]
+
+
+def _contents(path: Path) -> tuple[list[str], set[str]]:
+    """The gridded data variables of one file (at least 2-D, bounds left out) and its dimensions, read
+    from its metadata only."""
+    with _open_file(path) as ds:
+        return choosable_variables(ds), {str(dim) for dim in ds.dims}
+
+
+def _check_select_dims(select: dict[str, str], contents: dict[Path, tuple[list[str], set[str]]]) -> None:
+    """`--select DIM=VALUE` must name a dimension of some file (with per-variable files, not all have it)."""
+    for dim, value in select.items():
+        if not any(dim in dims for _, dims in contents.values()):
+            dims = sorted(set().union(*(dims for _, dims in contents.values())))
+            where = (f"{next(iter(contents))} has no" if len(contents) == 1 else
+                     f"none of the {len(contents)} files has a")
+            raise DataError(f"--select {dim}={value}: {where} dimension {dim!r} "
+                            f"(dimensions present: {', '.join(dims)}); choose one of them")
+
+
+def _select_in(select: dict[str, str], dims: set[str]) -> dict[str, str]:
+    """The part of `--select` that applies to one file: the dimensions it has."""
+    return {dim: value for dim, value in select.items() if dim in dims}
+
+
+def _holdings(held: dict[Path, list[str]]) -> str:
+    """`a.nc and 9 more have u; b.nc has v`: which files hold which variables, one clause per set."""
+    by_names: dict[tuple[str, ...], list[Path]] = {}
+    for path, names in held.items():
+        by_names.setdefault(tuple(names), []).append(path)
+    return "; ".join(f"{_files_text(paths)} {'has' if len(paths) == 1 else 'have'} {', '.join(names) or 'none'}"
+                     for names, paths in by_names.items())
+
+
+def _files_text(paths: list[Path]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
+
+
+def _concat_in_time(files: list[Path], paths: list[Path], parts: list, block: int):
+    """One group's files (same variables) as one Dataset sorted by time, each step tagged with its file."""
+    import xarray as xr
+
+    parts = [p.chunk({"time": min(block, p.sizes["time"]), "y": -1, "x": -1})
+             .assign_coords({FILE_COORD: ("time", np.full(p.sizes["time"], files.index(path)))})
+             for path, p in zip(paths, parts)]
+    parts.sort(key=lambda p: _first_time(p))
+    return parts[0] if len(parts) == 1 else xr.concat(parts, dim="time", data_vars="all", coords="minimal",
+                                                      compat="override", join="override")
+
+
+def _join_groups(groups: list[tuple[list[Path], object]]):
+    """The groups' variables in one Dataset; their time axes must be equal (grids are checked before).
+
+    The first group's coordinates are kept. The file of each time step is dropped when there are several
+    groups: a step then lies in one file per group, and naming the first group's would mislead."""
+    import xarray as xr
+
+    first_paths, first = groups[0]
+    for paths, ds in groups[1:]:
+        _check_same_times(first_paths, first, paths, ds)
+    if len(groups) == 1:
+        return first
+    parts = [ds.drop_vars(FILE_COORD) for _, ds in groups]
+    return xr.merge(parts, join="override", compat="override", combine_attrs="override")
+
+
+def _check_same_times(first_paths: list[Path], first, paths: list[Path], ds) -> None:
+    a, b = np.asarray(first["time"].values), np.asarray(ds["time"].values)
+    n = min(len(a), len(b))
+    unequal = np.flatnonzero([x != y for x, y in zip(a[:n], b[:n])])
+    if len(a) == len(b) and not len(unequal):
+        return
+    i = int(unequal[0]) if len(unequal) else n
+    where = (f"first difference at step {i}: {_time_text(a, i)} vs {_time_text(b, i)}" if i < n else
+             f"{_time_text(a if len(a) > n else b, n)} is only in one of them")
+    raise DataError(f"the variables {', '.join(first.data_vars)} ({_files_text(first_paths)}) and "
+                    f"{', '.join(ds.data_vars)} ({_files_text(paths)}) have different time axes ({len(a)} vs "
+                    f"{len(b)} steps, {where}); give files of all variables covering the same times at the "
+                    "same step")
+
+
+def _time_text(times: np.ndarray, i: int) -> str:
+    return _label(times[i]) if isinstance(times[i], np.datetime64) else str(times[i])
 
 
 def _check_same_grid(first_path: Path, first, path: Path, part) -> None:
@@ -319,9 +650,10 @@ def _first_time(part):
     return value if not isinstance(value, np.datetime64) else value.astype("datetime64[ns]").astype(np.int64)
 
 
-def _block_steps(part) -> int:
-    """Time steps per Dask block: about BLOCK_BYTES of the source grid, a multiple of the store chunk."""
-    step_bytes = part.sizes["y"] * part.sizes["x"] * 4 * len(part.data_vars)
+def _block_steps(part, fields: int) -> int:
+    """Time steps per Dask block: about BLOCK_BYTES of the source grid (all `fields`), a multiple of the
+    store chunk."""
+    step_bytes = part.sizes["y"] * part.sizes["x"] * 4 * fields
     chunk = store_time_chunk(part.sizes["y"] * part.sizes["x"] * 4)
     return max(1, BLOCK_BYTES // (step_bytes * chunk)) * chunk
 
@@ -340,6 +672,11 @@ def _calendar(time) -> str:
 
 
 def _coordinate(ds, dim: str) -> dict | None:
+    """The 1-D coordinate of `dim`, or else the 2-D (curvilinear) `lat`/`lon` (y, x) from `variable_fields`."""
+    curvilinear = "lat" if dim == "y" else "lon"
+    if dim not in ds.coords and curvilinear in ds.coords and ds[curvilinear].dims == ("y", "x"):
+        coord = ds[curvilinear]
+        return {"values": np.asarray(coord.values, dtype=np.float64), "attrs": dict(coord.attrs), "geographic": True}
     if dim not in ds.coords:
         return None
     coord = ds[dim]
@@ -355,7 +692,8 @@ def _coordinate(ds, dim: str) -> dict | None:
 
 def _flip_south_up(source: Source) -> None:
     coord = source.y_coord
-    if coord is None or len(coord["values"]) < 2 or coord["values"][1] > coord["values"][0]:
+    if coord is None or coord["values"].ndim != 1 or len(coord["values"]) < 2 \
+            or coord["values"][1] > coord["values"][0]:  # a curvilinear (2-D) grid is kept as it is
         return
     source.ds = source.ds.isel(y=slice(None, None, -1))
     coord["values"] = coord["values"][::-1].copy()
@@ -449,8 +787,12 @@ def _regular_float_time(values: np.ndarray) -> float:
     if len(values) < 2:
         raise DataError("the data have fewer than 2 time steps; dyf needs a time series")
     usual = float(np.median(steps))
+    if usual <= 0:
+        raise DataError(f"the time coordinate does not increase (values {values[0]:g} .. {values[-1]:g}, usual "
+                        f"step {usual:g}); give files whose time axis increases, or a CF time coordinate "
+                        "(standard_name=time with units) along the time dimension")
     bad = np.nonzero(~np.isclose(steps, usual, rtol=1e-6))[0]
-    if usual <= 0 or len(bad):
+    if len(bad):
         gaps = ", ".join(f"{values[i]} -> {values[i + 1]}" for i in bad[:5])
         raise DataError(f"the time steps are irregular: the usual step is {usual} but {gaps}; "
                         "give regularly spaced time steps")
@@ -481,22 +823,31 @@ def choose_splits(times: np.ndarray, train_until: str | None, val: str | None, t
 
 
 def _default_splits(times: np.ndarray, is_dated: bool) -> dict:
-    points = np.unique(times.astype("datetime64[D]")) if is_dated else np.asarray(times, dtype=np.float64)
+    """The last 10 % of the points for test, the 10 % before for validation. Points are whole dates, or
+    time steps for sub-daily data covering fewer than 10 dates (a day would be too coarse a unit)."""
+    points, text = _split_points(times, is_dated)
     n = len(points)
     if n < 3:
-        raise DataError(f"the data cover only {n} distinct {'dates' if is_dated else 'times'}, too few for "
-                        "train/val/test splits (splits are whole dates); give more time steps")
+        raise DataError(f"the data cover only {n} time steps, too few for train/val/test splits; give at least "
+                        "3 time steps")
     held_out = max(1, round(0.1 * n))
     val_start, test_start = n - 2 * held_out, n - held_out
     if val_start < 1:
         val_start, test_start = n - 2, n - 1
-
-    def text(value):
-        return str(value) if is_dated else float(value)
-
     return {"train": {"time": [None, text(points[val_start - 1])]},
             "val": {"time": [text(points[val_start]), text(points[test_start - 1])]},
             "test": {"time": [text(points[test_start]), None]}}
+
+
+def _split_points(times: np.ndarray, is_dated: bool):
+    """The points splits are cut between and how each is written in `dyf_splits`."""
+    if not is_dated:
+        return np.asarray(times, dtype=np.float64), float
+    dates = np.unique(times.astype("datetime64[D]"))
+    if len(dates) >= 10 or len(dates) == len(times):
+        return dates, str
+    unit = "m" if np.all(times.astype("datetime64[m]") == times) else "s"
+    return np.asarray(times), lambda value: str(np.datetime_as_string(value, unit=unit))
 
 
 def _check_splits_select(times: np.ndarray, splits: dict) -> None:
@@ -562,43 +913,177 @@ def _attach_coordinates(out, source: Source, tiles: list, size_y: int, size_x: i
         if coord is None:
             continue
         name = ("lat" if dim == "y" else "lon") if coord["geographic"] else f"{dim}_coordinate"
+        if coord["values"].ndim == 2:  # curvilinear lat/lon (y, x): (series, y, x)
+            values = np.stack([coord["values"][r * size_y:(r + 1) * size_y, c * size_x:(c + 1) * size_x]
+                               for r, c in tiles])
+            out.coords[name] = (("series", "y", "x"), values, coord["attrs"])
+            continue
         values = np.stack([coord["values"][t[position] * size:(t[position] + 1) * size] for t in tiles])
         out.coords[name] = (("series", dim), values, coord["attrs"])
 
 
 # ------------------------------------------------------------------------------------------------ write
 
-def write(dataset, out: Path, normalization: str, step_files: list[Path] | None = None) -> dict[str, int]:
-    """Fields, statistics and the check for infinite values in one pass over the sources, into a staging
-    store renamed when complete (`step_files`: the file of each time step, named by errors).
+def write(dataset, out: Path, normalization: str, step_files: list[Path] | None = None, *,
+          files: list[Path] = (), client=None) -> dict:
+    """Fields in time blocks (each checked for infinite values, and its training steps' moments summed, as it
+    is written), then the statistics over the training split, into a staging store renamed into place when
+    complete. Blocks written by an earlier, interrupted run and day-of-year statistics are read back.
 
-    Returns the number of time steps in each split."""
-    import dask
+    A marker is left in the staging store after each block, so an interrupted run re-run with the same
+    command and unchanged `files` writes only the blocks still missing (`step_files`: the file of each
+    time step, named by errors; `client`: a `distributed.Client`, or None for local threads).
+    Returns the time steps of each split, blocks written and resumed, and the days of year filled."""
     import xarray as xr
 
-    splits = dataset.attrs["dyf_splits"]
-    probe = DataStore(out, dataset)
-    start, stop = probe.split_ranges("train")[0][1:]
-    fields = dataset.attrs["dyf_fields"]
     time_chunk = store_time_chunk(dataset.sizes["y"] * dataset.sizes["x"] * 4)
-    staging = new_staging(out)  # marked as dyf's first; mode "a" keeps the marker
-    writer = dataset.to_zarr(staging, mode="a", compute=False, consolidated=False,
-                             encoding=encoding_for(dataset, time_chunk))
-    moments = {name: _moments(dataset[name].isel(time=slice(start, stop))) for name in fields}
-    infinite = {name: np.isinf(dataset[name]).sum(("y", "x")) for name in fields}  # (series, time) counts
-    with DaskProgress("prepare netcdf: writing"):
-        _, computed, infinite = dask.compute(writer, moments, infinite)
-    for name in fields:
-        refuse_infinite(dataset[name], infinite[name].values, step_files or [])
-    stats = xr.Dataset({var: values for name in fields
-                        for var, values in _statistics(name, computed[name], normalization,
-                                                       dataset["mask"]).items()})
-    stats = stats.reset_coords(drop=True).drop_vars(["series", "y", "x"], errors="ignore")
+    staging, marks, resumed = _open_staging(dataset, out, time_chunk, list(files))
+    probe = DataStore(out, dataset)
+    train = tuple(probe.split_ranges("train")[0][1:])
+    in_pass = None if normalization == "pixel-dayofyear" else train
+    written, skipped, moments = _write_blocks(dataset, staging, marks, step_files or [], client, in_pass)
+    with warnings.catch_warnings():  # the progress folder is ours, not part of the Zarr hierarchy
+        warnings.filterwarnings("ignore", message=f"Object at {PROGRESS_DIR} is not recognized")
+        staged = xr.open_zarr(staging, consolidated=False, chunks=None)[dataset.attrs["dyf_fields"]]
+    stats, filled_days = _training_statistics(staged, dataset, train, normalization, client, moments, skipped)
+    shutil.rmtree(marks)  # a kill from here on starts the job afresh
     stats.attrs = dict(dataset.attrs)  # appending rewrites the group attributes
     stats.to_zarr(staging, mode="a", consolidated=True, encoding=encoding_for(stats))
     validate_dataset(xr.open_zarr(staging, consolidated=True))
     finalize(staging, out)
-    return {split: int(sum(b - a for _, a, b in probe.split_ranges(split)[:1])) for split in splits}
+    steps = {split: int(sum(b - a for _, a, b in probe.split_ranges(split)[:1]))
+             for split in dataset.attrs["dyf_splits"]}
+    return {"steps": steps, "blocks_written": written, "blocks_resumed": len(skipped), "resumed": resumed,
+            "filled_days": filled_days}
+
+
+def _open_staging(dataset, out: Path, time_chunk: int, files: list[Path]) -> tuple[Path, Path, bool]:
+    """The staging store of the same job (same recipe, blocks and input files) to resume, or a fresh one
+    holding everything but the field values. Returns (staging, progress folder, resumed)."""
+    staging = staging_path(out)
+    marks = staging / PROGRESS_DIR
+    job = marks / "job.json"
+    fingerprint = _fingerprint(dataset, files)
+    try:
+        if json.loads(job.read_text()).get("fingerprint") == fingerprint:
+            return staging, marks, True
+    except (OSError, ValueError):  # no job record, or one cut short: start afresh
+        pass
+    new_staging(out)  # marked as dyf's first; mode "a" keeps the marker
+    dataset.to_zarr(staging, mode="a", compute=False, consolidated=False, encoding=encoding_for(dataset, time_chunk))
+    marks.mkdir()
+    job.write_text(json.dumps({"fingerprint": fingerprint}))
+    return staging, marks, False
+
+
+def _fingerprint(dataset, files: list[Path]) -> str:
+    """Identity of a job: its recipe, its time blocks and every input's name, size and modification time."""
+    recipe = {"recipe": dataset.attrs["dyf_recipe"], "blocks": list(dataset.chunks["time"]),
+              "fields": dataset.attrs["dyf_fields"]}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_blocks(dataset, staging: Path, marks: Path, step_files: list[Path], client,
+                  train: tuple[int, int] | None) -> tuple[int, list[tuple[int, int]], dict | None]:
+    """Write the time blocks without a marker. Returns how many were written, the (start, stop) of those
+    skipped, and the moments (`_moments`) per field of the training steps `train` in the blocks written
+    (None when none, or `train` is None)."""
+    bounds = np.cumsum((0, *dataset.chunks["time"]))
+    blocks = [(index, int(a), int(b)) for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    todo = [block for block in blocks if not (marks / f"block-{block[0]:06d}").exists()]
+    arrays = _staged_arrays(staging, dataset.attrs["dyf_fields"])
+    moments = None
+    with progress("prepare netcdf: writing", len(todo), "blocks") as bar:
+        for index, start, stop in todo:
+            overlap = None if train is None else (max(start, train[0]), min(stop, train[1]))
+            part = _write_block(dataset, arrays, start, stop, step_files, client, overlap)
+            moments = _sum_moments(moments, part)
+            (marks / f"block-{index:06d}").touch()
+            fault_point("netcdf.block_written")
+            bar.advance(1)
+    return len(todo), [block[1:] for block in blocks if block not in todo], moments
+
+
+def _sum_moments(total: dict | None, part: dict | None) -> dict | None:
+    """Per field, the element-wise sums of two `_moments` results (either may be None)."""
+    if total is None or part is None:
+        return part if total is None else total
+    return {name: tuple(a + b for a, b in zip(total[name], part[name])) for name in total}
+
+
+def _staged_arrays(staging: Path, fields: list[str]) -> dict:
+    """The template's field arrays, opened once: a region write through xarray re-reads the whole store's
+    metadata each time (about 0.1 s a block)."""
+    import zarr
+
+    return {name: zarr.open_array(store=str(staging), path=name, mode="r+") for name in fields}
+
+
+def _write_block(dataset, arrays: dict, start: int, stop: int, step_files: list[Path], client,
+                 train: tuple[int, int] | None) -> dict | None:
+    """Time steps `start:stop` of every field into the staging store's `arrays`, refused if they hold ±inf.
+    Returns the moments per field of the steps in `train` (a range inside the block; None or empty: None).
+
+    Raw float32 values go straight into the Zarr arrays: the template has no CF encoding to apply (NaN is
+    the fill value), and blocks are whole store chunks, so writers never share a chunk."""
+    import dask
+    import dask.array
+
+    fields = dataset.attrs["dyf_fields"]
+    block = dataset[fields].isel(time=slice(start, stop))
+    writer = dask.array.store([block[name].data for name in fields], [arrays[name] for name in fields],
+                              regions=[(slice(None), slice(start, stop))] * len(fields), lock=False,
+                              compute=False)
+    infinite = {name: np.isinf(block[name]).sum(("y", "x")) for name in fields}  # (series, time) counts
+    in_train = train is not None and train[0] < train[1]
+    moments = {name: _moments(block[name].isel(time=slice(train[0] - start, train[1] - start)))
+               for name in fields} if in_train else None
+    _, infinite, moments = dask.compute(writer, infinite, moments,
+                                        **({"scheduler": client} if client is not None else {}))
+    for name in fields:
+        refuse_infinite(block[name], infinite[name].values, step_files[start:stop])
+    return moments
+
+
+def _training_statistics(staged, dataset, train: tuple[int, int], normalization: str, client,
+                         moments: dict | None, skipped: list[tuple[int, int]]):
+    """The statistics Dataset of every field over the training steps `train`; plus the days of year filled.
+
+    Day-of-year statistics are read back from the staged fields `staged` (lazy, unchunked) a time block
+    at a time; the others add `moments` (those of the blocks just written) and the moments of the
+    training steps in the `skipped` blocks, read back."""
+    import dask
+    import xarray as xr
+
+    start, stop = train
+    block = dataset.chunks["time"][0]
+    fields = dataset.attrs["dyf_fields"]
+    if normalization == "pixel-dayofyear":
+        days = dataset["time"].isel(time=slice(start, stop)).dt.dayofyear.values
+        parts = {name: _dayofyear_statistics(name, staged[name], start, stop, days, block, dataset["mask"])
+                 for name in fields}
+        stats = xr.Dataset({var: values for name in fields for var, values in parts[name][0].items()},
+                           coords={"dayofyear": np.arange(1, DAYS_OF_YEAR + 1)})
+        return stats, sorted({day for name in fields for day in parts[name][1]})
+    for first, last in skipped:
+        first, last = max(first, start), min(last, stop)
+        if first >= last:
+            continue
+        chunked = staged.isel(time=slice(first, last)).chunk({"series": 1, "time": block, "y": -1, "x": -1})
+        (part,) = dask.compute({name: _moments(chunked[name]) for name in fields},
+                               **({"scheduler": client} if client is not None else {}))
+        moments = _sum_moments(moments, part)
+    if moments is None:
+        raise DataError("the training split holds no time step; choose other --train-until dates")
+    computed = moments
+    stats = xr.Dataset({var: values for name in fields
+                        for var, values in _statistics(name, computed[name], normalization,
+                                                       dataset["mask"]).items()})
+    return stats.reset_coords(drop=True).drop_vars(["series", "y", "x"], errors="ignore"), []
 
 
 def _moments(train):
@@ -633,8 +1118,8 @@ def _label(value) -> str:
 def _position(field, series: int, y: int, x: int) -> str:
     """`series s, y j, x i` in store indices (y south to north), with lat/lon when the store has them."""
     text = f"series {field['series'].values[series]}, y {y}, x {x}"
-    places = [f"{name} {float(field[name].values[series, index]):g}" for name, index in (("lat", y), ("lon", x))
-              if name in field.coords]
+    places = [f"{name} {float(field[name].values[(series, index) if field[name].ndim == 2 else (series, y, x)]):g}"
+              for name, index in (("lat", y), ("lon", x)) if name in field.coords]
     return text + (f" ({', '.join(places)})" if places else "")
 
 
@@ -675,28 +1160,58 @@ def _refuse_nonfinite_statistics(name: str, mean, std, mask) -> None:
                     "have data (--train-until) or mark them missing at the first time step too")
 
 
-class DaskProgress(Callback):
-    """Report finished Dask tasks through `runtime.progress` (a bar on a terminal, log lines otherwise)."""
+def _dayofyear_statistics(name: str, field, start: int, stop: int, days: np.ndarray, block: int,
+                          mask) -> tuple[dict, list[int]]:
+    """`stats_mean_<name>`, `stats_std_<name>` `(dayofyear, series, y, x)` over the training steps
+    `start:stop` of `field` (lazy; `days`: their day of year 1..366, so sub-daily steps count for their
+    day), one series and `block` steps at a time: memory is three float64 arrays of 366 x y x x, whatever
+    the length of the training split. As `prepare sst`: a day of year without training data at a point
+    takes the nearest day's statistics. Std floored as in `_statistics`. Returns them and the days filled."""
+    from dyfcli.sources.oisst import DayOfYearSums, fill_from_nearest_day
 
-    def __init__(self, description: str):
-        super().__init__()
-        self.description = description
-        self._context = self._bar = None
+    per_series = []
+    for series in range(field.sizes["series"]):
+        sums = DayOfYearSums.empty((field.sizes["y"], field.sizes["x"]))
+        for first in range(start, stop, block):
+            last = min(first + block, stop)
+            sums.add(np.asarray(field.isel(series=series, time=slice(first, last)).values),
+                     days[first - start:last - start])
+        per_series.append(sums.mean_std())
+    mean, std, count = (np.stack([part[i] for part in per_series], axis=1) for i in range(3))  # (366, S, Y, X)
+    floor = _dayofyear_floor(name, mean, std, count)
+    filled: set[int] = set()
+    for series in range(mean.shape[1]):
+        have = count[:, series] > 0
+        filled.update(fill_from_nearest_day(mean[:, series], std[:, series], have, have.any(axis=0)))
+    with np.errstate(invalid="ignore"):
+        std = np.where(np.isnan(std), std, np.maximum(std, floor))
+    dims = ("dayofyear", "series", "y", "x")
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    _refuse_nonfinite_statistics(name, _on_mask(mean[0], mask), _on_mask(std[0], mask), mask)
+    return {f"stats_mean_{name}": (dims, mean), f"stats_std_{name}": (dims, std)}, sorted(filled)
 
-    def _start_state(self, dsk, state) -> None:
-        self._context = progress(self.description, len(dsk), "tasks")
-        self._bar = self._context.__enter__()
 
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        self._bar.advance(1)
+def _dayofyear_floor(name: str, mean: np.ndarray, std: np.ndarray, count: np.ndarray) -> float:
+    """STD_FLOOR_FRACTION of the field's overall training std, from the per-day moments."""
+    n_all = int(count.sum())
+    if n_all == 0:
+        raise DataError(f"{name!r} has no valid value in the training split; choose other --train-until dates")
+    seen = count > 0
+    mean_all = float(np.where(seen, count * mean, 0.0).sum()) / n_all
+    squares = float(np.where(seen, count * (std ** 2 + mean ** 2), 0.0).sum()) / n_all
+    std_all = math.sqrt(max(squares - mean_all ** 2, 0.0))
+    return STD_FLOOR_FRACTION * std_all if std_all > 0 else 1.0
 
-    def _finish(self, dsk, state, errored) -> None:
-        self._context.__exit__(None, None, None)
+
+def _on_mask(values: np.ndarray, mask):
+    """`values` `(series, y, x)` as a DataArray on `mask`'s coordinates (for the messages naming a point)."""
+    return mask.copy(data=values)
 
 
 # ---------------------------------------------------------------------------------------------- summary
 
-def _summary(out: Path, source: Source, dataset, tiles: list, split_steps: dict, step, tile) -> dict:
+def _summary(out: Path, source: Source, dataset, tiles: list, written: dict, step, tile) -> dict:
+    """`written`: what `write` returns (steps per split, blocks written and resumed)."""
     times = dataset["time"].values
     first, last = (np.datetime_as_string(t, unit="s") if isinstance(t, np.datetime64) else float(t)
                    for t in (times[0], times[-1]))
@@ -711,8 +1226,11 @@ def _summary(out: Path, source: Source, dataset, tiles: list, split_steps: dict,
         "time": {"first": first, "last": last, "steps": int(len(times)), "step": step,
                  "calendar": source.calendar},
         "normalization": dataset.attrs["dyf_normalization"],
-        "splits": {name: {"time": rule["time"], "steps": split_steps[name]}
+        "splits": {name: {"time": rule["time"], "steps": written["steps"][name]}
                    for name, rule in dataset.attrs["dyf_splits"].items()},
         "valid_fraction": float(dataset["mask"].values.mean()),
+        "blocks_written": written["blocks_written"],
+        "blocks_resumed": written["blocks_resumed"],
+        "resumed": written["resumed"],
         "notes": source.notes,
     }

@@ -732,6 +732,18 @@ def finish_statistics(mean: np.ndarray, std: np.ndarray, count: np.ndarray, mask
     have = count > 0
     observed = mask & have.any(axis=0)          # ocean pixels with at least one training value
     mean, std = mean.copy(), std.copy()
+    filled_days = fill_from_nearest_day(mean, std, have, observed)
+    floored = int((std[:, observed] < STD_FLOOR).sum())
+    std = np.maximum(std, STD_FLOOR)
+    mean[:, ~observed], std[:, ~observed] = 0.0, 1.0
+    return mean.astype(np.float32), std.astype(np.float32), filled_days, floored
+
+
+def fill_from_nearest_day(mean: np.ndarray, std: np.ndarray, have: np.ndarray, observed: np.ndarray) -> list[int]:
+    """In place: where `have` (366, Y, X) is False at an `observed` pixel, copy the nearest day of year
+    that has data (earlier day first on ties, wrapping round the year). Returns the days filled (1..366).
+
+    Shared with `prepare netcdf`, whose pixel-dayofyear statistics follow the same rule."""
     filled_days = []
     for day in np.flatnonzero((~have[:, observed]).any(axis=1)):
         filled_days.append(int(day) + 1)
@@ -743,10 +755,7 @@ def finish_statistics(mean: np.ndarray, std: np.ndarray, count: np.ndarray, mask
                 pixels &= ~take
             if not pixels.any():
                 break
-    floored = int((std[:, observed] < STD_FLOOR).sum())
-    std = np.maximum(std, STD_FLOOR)
-    mean[:, ~observed], std[:, ~observed] = 0.0, 1.0
-    return mean.astype(np.float32), std.astype(np.float32), filled_days, floored
+    return filled_days
 
 
 # ----------------------------------------------------------------------------------------------- tasks

@@ -1,0 +1,181 @@
+"""Peak memory and speed of `dyf prepare netcdf` on a synthetic WeatherBench-like archive.
+
+Writes per-variable folders of yearly files, as WeatherBench (5.625°) keeps them, into a temporary folder:
+`2m_temperature/2m_temperature_<year>_5.625deg.nc` (t2m), `10m_u_component_of_wind` (u10),
+`10m_v_component_of_wind` (v10), and the pressure-level variables `geopotential` (z), `temperature` (t),
+`u_component_of_wind` (u) on a `level` dimension (500, 850, 1000 hPa); 6-hourly, 32 x 64 global grid,
+latitude north to south, float32. Then, for each N in `--years`, it runs as subprocesses, polling the
+resident memory of each process tree:
+
+(a) `dyf prepare netcdf` on the first N years of the 8 fields t2m, u10, v10, z@500, z@850, t@500, t@850,
+    u@500 (the last year the test split, the one before it validation);
+(b) the naive job on the same files and fields: `xr.open_mfdataset(...)` per folder, `xr.merge`, the
+    levels picked with `.sel`, `.to_zarr(...)` (no statistics, no checks): in yearly chunks (`naive`, a
+    floor for any xarray pipeline) and in the chunks of a dyf store, which training reads window by
+    window (`naive-8`).
+
+    .venv/bin/python benchmarks/prepare_netcdf.py                    # 3 and 10 years
+    .venv/bin/python benchmarks/prepare_netcdf.py --years 3,10,20    # more years
+    .venv/bin/python benchmarks/prepare_netcdf.py --years 3 --single-files   # without multi-file merge
+
+`--single-files` writes one file holding every variable per year (for a dyf without the per-variable
+merge or `@LEVEL` syntax: levels then come as separate variables `z500`, ...). The machine may be shared:
+the load average is printed next to every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_sst import run_measured  # noqa: E402 - the same process-tree RSS poller
+
+SURFACE = {"2m_temperature": ("t2m", 280.0, 15.0), "10m_u_component_of_wind": ("u10", 0.0, 5.0),
+           "10m_v_component_of_wind": ("v10", 0.0, 5.0)}
+LEVELS = {"geopotential": ("z", 50000.0, 3000.0), "temperature": ("t", 260.0, 15.0),
+          "u_component_of_wind": ("u", 5.0, 10.0)}
+LEVEL_VALUES = [500, 850, 1000]
+FIELDS = ["t2m", "u10", "v10", "z@500", "z@850", "t@500", "t@850", "u@500"]
+GRID = (32, 64)
+FIRST_YEAR = 1979
+STORE_CHUNK = 8  # time steps per chunk of a dyf store of this grid (netcdf.store_time_chunk)
+
+
+# ----------------------------------------------------------------------------------------------- archive
+
+def _coords(year: int) -> dict:
+    times = np.arange(np.datetime64(f"{year}-01-01T00"), np.datetime64(f"{year + 1}-01-01T00"),
+                      np.timedelta64(6, "h"))
+    lat = np.linspace(87.1875, -87.1875, GRID[0])  # 5.625° centres, north to south as WeatherBench
+    return {"time": times, "lat": ("lat", lat, {"units": "degrees_north", "standard_name": "latitude"}),
+            "lon": ("lon", np.arange(GRID[1]) * 5.625, {"units": "degrees_east", "standard_name": "longitude"})}
+
+
+def _values(rng, steps: int, base: float, spread: float, levels: int | None = None) -> np.ndarray:
+    shape = (steps, *GRID) if levels is None else (steps, levels, *GRID)
+    return (base + spread * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+
+def write_archive(root: Path, years: int, single_files: bool) -> list[str]:
+    """The archive of `years` years; returns the path globs to give `dyf prepare netcdf`."""
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    for year in range(FIRST_YEAR, FIRST_YEAR + years):
+        coords = _coords(year)
+        steps = len(coords["time"])
+        variables = {}
+        for folder, (name, base, spread) in SURFACE.items():
+            variables[(folder, name)] = xr.DataArray(_values(rng, steps, base, spread), dims=("time", "lat", "lon"))
+        for folder, (name, base, spread) in LEVELS.items():
+            variables[(folder, name)] = xr.DataArray(_values(rng, steps, base, spread, len(LEVEL_VALUES)),
+                                                     dims=("time", "level", "lat", "lon"))
+        if single_files:
+            flat = {}
+            for (_, name), da in variables.items():
+                if "level" in da.dims:
+                    flat.update({f"{name}{lev}": da.isel(level=i) for i, lev in enumerate(LEVEL_VALUES)})
+                else:
+                    flat[name] = da
+            (root / "all").mkdir(parents=True, exist_ok=True)
+            xr.Dataset(flat, coords=coords).to_netcdf(root / "all" / f"all_{year}_5.625deg.nc")
+            continue
+        for (folder, name), da in variables.items():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            ds = xr.Dataset({name: da}, coords=coords)
+            if "level" in da.dims:
+                ds = ds.assign_coords(level=("level", LEVEL_VALUES, {"units": "hPa", "long_name": "pressure_level"}))
+            ds.to_netcdf(root / folder / f"{folder}_{year}_5.625deg.nc")
+    folders = ["all"] if single_files else [*SURFACE, *LEVELS]
+    return [str(root / folder / "*.nc") for folder in folders]
+
+
+def subset(root: Path, years: int, single_files: bool) -> list[str]:
+    """Globs matching only the first `years` years (symlinks in a folder per length)."""
+    target = root / f"first{years}"
+    folders = ["all"] if single_files else [*SURFACE, *LEVELS]
+    for folder in folders:
+        (target / folder).mkdir(parents=True, exist_ok=True)
+        for year in range(FIRST_YEAR, FIRST_YEAR + years):
+            for path in (root / "archive" / folder).glob(f"*_{year}_*.nc"):
+                link = target / folder / path.name
+                if not link.exists():
+                    link.symlink_to(path)
+    return [str(target / folder / "*.nc") for folder in folders]
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+def fields_for(single_files: bool) -> list[str]:
+    return [name.replace("@", "") for name in FIELDS] if single_files else FIELDS
+
+
+def dyf_command(globs: list[str], out: Path, years: int, single_files: bool) -> list[str]:
+    dyf = Path(sys.executable).with_name("dyf")
+    last = FIRST_YEAR + years - 1
+    return [str(dyf), "prepare", "netcdf", *globs, "--var", ",".join(fields_for(single_files)), "--out", str(out),
+            "--overwrite", "--train-until", str(last - 2), "--val", str(last - 1), "--test", str(last)]
+
+
+def naive_job(out: str, single_files: bool, globs: list[str], time_chunk: int) -> None:
+    """`xr.open_mfdataset(...).to_zarr(...)` of the same fields in chunks of `time_chunk` steps (run in a
+    subprocess via `--naive-job`)."""
+    import xarray as xr
+
+    # one open_mfdataset per variable folder (time concatenation), merged: what WeatherBench users write
+    ds = xr.merge([xr.open_mfdataset(pattern, combine="by_coords") for pattern in globs], join="exact")
+    picked = {}
+    for name in fields_for(single_files):
+        variable, _, level = name.partition("@")
+        picked[name.replace("@", "")] = ds[variable].sel(level=int(level), drop=True) if level else ds[variable]
+    xr.Dataset(picked).chunk({"time": time_chunk}).to_zarr(out, mode="w")  # zarr needs uniform chunks (leap years)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--years", default="3,10", help="archive lengths to prepare, comma-separated (>= 3)")
+    parser.add_argument("--single-files", action="store_true", help="one file of all variables per year")
+    parser.add_argument("--workdir", default=None, help="where to write the archive (default: a temp dir)")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--naive-job", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-chunk", type=int, default=1460, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_job:
+        naive_job(args.naive_job[0], args.single_files, args.naive_job[1:], args.naive_chunk)
+        return
+    lengths = sorted({int(y) for y in args.years.split(",")})
+    if lengths[0] < 3:
+        parser.error("--years: every length needs at least 3 years (train, val, test)")
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="dyf-bench-netcdf-"))
+    try:
+        write_archive(root / "archive", lengths[-1], args.single_files)
+        print(f"archive: {lengths[-1]} years, {len(FIELDS)} fields, 6-hourly, {GRID[0]}x{GRID[1]}, "
+              f"{sum(p.stat().st_size for p in (root / 'archive').rglob('*.nc')) / 1e9:.2f} GB in {root}")
+        print(f"{'job':<8}{'years':>6}{'wall s':>9}{'CPU s':>8}{'peak RSS GB':>13}{'load':>6}")
+        for years in lengths:
+            globs = subset(root, years, args.single_files)
+            ours = run_measured(dyf_command(globs, root / f"dyf{years}.zarr", years, args.single_files), args.timeout)
+            naive, naive_small = (
+                run_measured([sys.executable, __file__, "--naive-job", str(root / f"naive{years}-{chunk}.zarr"), *globs,
+                              "--naive-chunk", str(chunk), *(["--single-files"] if args.single_files else [])],
+                             args.timeout) for chunk in (1460, STORE_CHUNK))
+            for job, result in (("dyf", ours), ("naive", naive), (f"naive-{STORE_CHUNK}", naive_small)):
+                status = "" if result["returncode"] == 0 else f"  FAILED {result['stderr_tail']}"
+                print(f"{job:<8}{years:>6}{result['seconds']:>9.1f}{result['cpu_seconds']:>8.1f}"
+                      f"{result['peak_rss_gb']:>13.2f}{result['load']:>6.1f}{status}")
+            print(f"  {years} years: dyf {naive['seconds'] / ours['seconds']:.1f}x the naive job's speed "
+                  f"(yearly chunks), {naive_small['seconds'] / ours['seconds']:.1f}x with the store's chunks of "
+                  f"{STORE_CHUNK} steps; naive computes no statistics and checks nothing")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
