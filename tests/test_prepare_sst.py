@@ -370,3 +370,12 @@ def test_cli_bad_input_exit_codes(dyf, tmp_path, case):
         wanted = "pip install distributed" if importlib.util.find_spec("distributed") is None else "cannot reach"
         assert wanted in error_lines[0]
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_split_bounds_with_a_time_of_day_are_refused_not_cut_to_the_day(tmp_path, dyf):
+    """OISST is daily: `--train-until 2018-06-30T12:00` used to be cut to 2018-06-30 without a word."""
+    (tmp_path / "raw").mkdir()
+    result = dyf("prepare", "sst", str(tmp_path / "raw"), "--out", str(tmp_path / "sst.zarr"),
+                 "--train-until", "2018-06-30T12:00", "--val", "2019", "--test", "2020", check=2)
+    assert "time of day" in result.stderr and "OISST is daily" in result.stderr
+    assert not (tmp_path / "sst.zarr").exists()

@@ -1192,6 +1192,15 @@ def prepare_staging(staging: Path, plan: Plan, recipe: dict, attrs: dict) -> tup
 
 # ----------------------------------------------------------------------------------------------- workflow
 
+def _refuse_times_of_day(splits: dict) -> None:
+    """OISST is daily: a split bound with a time of day would be cut to its day, a silent substitution."""
+    for name, rule in splits.items():
+        for bound in rule["time"]:
+            if bound is not None and "T" in str(bound):
+                raise UsageError(f"the {name} split bound {bound} has a time of day but OISST is daily; give a "
+                                 "year, a month or a date")
+
+
 def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: str | None = None,
                 train_until: str = "2018", val: str = "2019", test: str = "2020", allow_gaps: bool = False,
                 scheduler: str | None = None, overwrite: bool = False, time_block: int = TIME_BLOCK,
@@ -1207,6 +1216,7 @@ def prepare_sst(raw_dir: Path, out: Path, *, boxes: str = DEFAULT_BOXES, years: 
     requested, year_range = parse_boxes(boxes), parse_years(years)
     workers = check_workers(workers)
     splits = time_splits(train_until, val, test)
+    _refuse_times_of_day(splits)
     with data_store.claim_output(out, overwrite, inputs=[raw_dir]):
         client = connect_scheduler(scheduler)
         try:
