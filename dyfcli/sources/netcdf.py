@@ -117,7 +117,7 @@ def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: i
     threads); its workers must see the input files and the output folder."""
     from dyfcli.sources.oisst import connect_scheduler
 
-    inputs = [match for text in paths for match in (glob.glob(text) if any(c in text for c in "*?[") else [text])]
+    inputs = [match for text in paths for match in _matches(text)]
     with claim_output(Path(out), overwrite, inputs=inputs):  # held until the store is renamed into place
         client = connect_scheduler(scheduler)
         try:
@@ -166,11 +166,16 @@ def _span(rule: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ files
 
+def _matches(text: str) -> list[str]:
+    """What one PATH argument names: the files a quoted glob matches (sorted), else the path itself."""
+    return sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
+
+
 def expand_paths(paths: list[str]) -> list[Path]:
     """Files and Zarr stores named by `paths` (files, globs, folders), in a stable order."""
     found: list[Path] = []
     for text in paths:
-        matches = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
+        matches = _matches(text)
         if not matches or not Path(matches[0]).exists():
             raise DataError(f"no file matches {text}; check the path (quote globs so that dyf expands them)")
         for match in map(Path, matches):
@@ -461,12 +466,11 @@ def _auxiliary_time(da, dim: str):
     return da
 
 
-def canonical_file(path: Path, variables: list[str], select: dict[str, str], notes: list[str]):
-    """One file's variables on dims (time, y, x), lazily indexed; coordinates kept on y and x only (and
-    curvilinear lat/lon on (y, x))."""
+def canonical_file(ds, path: Path, variables: list[str], select: dict[str, str], notes: list[str]):
+    """One opened file's variables on dims (time, y, x), lazily indexed; coordinates kept on y and x only
+    (and curvilinear lat/lon on (y, x))."""
     import xarray as xr
 
-    ds = _open_file(path)
     for dim, value in select.items():
         if dim not in ds.dims:
             raise DataError(f"--select {dim}={value}: {path} has no dimension {dim!r} "
@@ -509,10 +513,20 @@ def open_source(files: list[Path], variables: list[str], select: dict[str, str])
     year): the files holding the same variables are concatenated along time, then these groups are
     joined on time and grid, which must agree exactly (nothing is aligned or filled)."""
     notes: list[str] = []
-    contents = {path: _contents(path) for path in files}
-    _check_select_dims(select, contents)
-    groups = [(paths, [canonical_file(path, specs, _select_in(select, contents[path][1]), notes) for path in paths])
-              for paths, specs in _group_by_variables(files, variables, {p: c[0] for p, c in contents.items()})]
+    opened = {path: _open_file(path) for path in files}  # once each: a GRIB file is scanned at every open
+    try:
+        contents = {path: (choosable_variables(ds), {str(dim) for dim in ds.dims}) for path, ds in opened.items()}
+        _check_select_dims(select, contents)
+        grouped = _group_by_variables(files, variables, {p: c[0] for p, c in contents.items()})
+    except BaseException:
+        for ds in opened.values():
+            ds.close()
+        raise
+    used = {path for paths, _ in grouped for path in paths}
+    for path in set(files) - used:  # files holding none of the --var
+        opened[path].close()
+    groups = [(paths, [canonical_file(opened[path], path, specs, _select_in(select, contents[path][1]), notes)
+                       for path in paths]) for paths, specs in grouped]
     first_path, first = groups[0][0][0], groups[0][1][0]
     for paths, parts in groups:
         for path, part in zip(paths, parts):
@@ -550,13 +564,6 @@ def _group_by_variables(files: list[Path], variables: list[str],
     for spec in variables:
         groups.setdefault(tuple(p for p in files if _base_name(spec) in held[p]), []).append(spec)
     return [(list(paths), specs) for paths, specs in groups.items()]
-
-
-def _contents(path: Path) -> tuple[list[str], set[str]]:
-    """The gridded data variables of one file (at least 2-D, bounds left out) and its dimensions, read
-    from its metadata only."""
-    with _open_file(path) as ds:
-        return choosable_variables(ds), {str(dim) for dim in ds.dims}
 
 
 def _check_select_dims(select: dict[str, str], contents: dict[Path, tuple[list[str], set[str]]]) -> None:
@@ -623,16 +630,12 @@ def _check_same_times(first_paths: list[Path], first, paths: list[Path], ds) -> 
     if len(a) == len(b) and not len(unequal):
         return
     i = int(unequal[0]) if len(unequal) else n
-    where = (f"first difference at step {i}: {_time_text(a, i)} vs {_time_text(b, i)}" if i < n else
-             f"{_time_text(a if len(a) > n else b, n)} is only in one of them")
+    where = (f"first difference at step {i}: {_label(a[i])} vs {_label(b[i])}" if i < n else
+             f"{_label((a if len(a) > n else b)[n])} is only in one of them")
     raise DataError(f"the variables {', '.join(first.data_vars)} ({_files_text(first_paths)}) and "
                     f"{', '.join(ds.data_vars)} ({_files_text(paths)}) have different time axes ({len(a)} vs "
                     f"{len(b)} steps, {where}); give files of all variables covering the same times at the "
                     "same step")
-
-
-def _time_text(times: np.ndarray, i: int) -> str:
-    return _label(times[i]) if isinstance(times[i], np.datetime64) else str(times[i])
 
 
 def _check_same_grid(first_path: Path, first, path: Path, part) -> None:
@@ -1079,9 +1082,8 @@ def _training_statistics(staged, dataset, train: tuple[int, int], normalization:
         moments = _sum_moments(moments, part)
     if moments is None:
         raise DataError("the training split holds no time step; choose other --train-until dates")
-    computed = moments
     stats = xr.Dataset({var: values for name in fields
-                        for var, values in _statistics(name, computed[name], normalization,
+                        for var, values in _statistics(name, moments[name], normalization,
                                                        dataset["mask"]).items()})
     return stats.reset_coords(drop=True).drop_vars(["series", "y", "x"], errors="ignore"), []
 
