@@ -734,12 +734,12 @@ def _summary(request: ForecastRequest, job: ForecastJob, done: np.ndarray, writt
 
 
 def prepare_job(request: ForecastRequest) -> ForecastJob:
-    """Check flags, checkpoint and data (cheap checks first), load the model and lay out the store."""
+    """Check checkpoint and data, load the model and lay out the store (flags: `check_request`, which
+    `run_forecast` calls before it takes the output's lock)."""
     from dyfcli.checkpoint import check_compatible, load_checkpoint, require_complete
     from dyfcli.data import Normalizer
     from dyfcli.store import open_store
 
-    check_request(request)
     checkpoint = load_checkpoint(Path(request.checkpoint))
     require_complete(checkpoint, Path(request.checkpoint))  # a killed run's best-so-far is not the model
     store = open_store(_data_path(request, checkpoint))

@@ -234,12 +234,6 @@ def read_attrs(path: Path) -> dict | None:
     return attrs if attrs.get("dyf_format") == FORMAT else None
 
 
-def read_identity(path: Path) -> dict | None:
-    """The `dyf_identity` of an existing forecast store, or None when `path` is not one."""
-    attrs = read_attrs(path)
-    return None if attrs is None else attrs.get("dyf_identity", {})
-
-
 # ----------------------------------------------------------------------------------------------- the truth
 
 def truth_attrs(truth: Path | str, out: Path | str) -> dict:

@@ -129,7 +129,6 @@ def plot_rank_histogram(path: Path, summary: dict, field: str) -> Path:
     _rank_bars(pooled, np.asarray(histogram["total"], dtype=np.float64))
     pooled.set_title("all lead times", fontsize=10)
     pooled.set_xlabel(f"rank of the truth among {per_lead.shape[1] - 1} members")
-    panels = [pooled]
     for number, lead in enumerate(leads):
         axis = figure.add_subplot(grid[1 + number // columns, number % columns], sharey=pooled)
         _rank_bars(axis, per_lead[lead])
@@ -137,7 +136,6 @@ def plot_rank_histogram(path: Path, summary: dict, field: str) -> Path:
         axis.set_xlabel("rank", fontsize=8)
         if number % columns:
             axis.set_ylabel("")
-        panels.append(axis)
     _legend_below(figure, [pooled])
     figure.suptitle(f"{field}: rank histograms (flat = calibrated)")
     figure.tight_layout(rect=(0, 0.05, 1, 1))

@@ -594,11 +594,9 @@ def _claim_output(out: Path, overwrite: bool, inputs: list):
 
 
 def _prepare_output(out: Path, overwrite: bool, ranks: Ranks) -> dict | None:
-    """The training state to resume from, or None for a fresh start (after clearing old outputs)."""
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of --out {out} does not exist; create {out.parent} first")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'model.pt'}")
+    """The training state to resume from, or None for a fresh start (after clearing old outputs).
+
+    The path itself (a folder, a missing parent) was checked by `_claim_output`."""
     state_file = ckpt.state_path(out)
     if overwrite:
         ranks.barrier()

@@ -77,7 +77,7 @@ def test_open_forecast_refuses_other_things(dated_store, tmp_path):
         forecast_store.open_forecast(tmp_path / "none.zarr")
     with pytest.raises(DataError, match="not a dyf forecast store"):
         forecast_store.open_forecast(dated_store.path)
-    assert forecast_store.read_identity(dated_store.path) is None
+    assert forecast_store.read_attrs(dated_store.path) is None
 
 
 def test_inspect_describes_forecast(dyf, dated_store, tmp_path):
