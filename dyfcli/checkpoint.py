@@ -33,12 +33,11 @@ import hashlib
 import logging
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dyfcli import __version__
+from dyfcli import __version__, outputs
 from dyfcli.errors import CheckpointError
 
 log = logging.getLogger("dyf")
@@ -228,7 +227,7 @@ def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     import torch
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = outputs.temporary_path(path)  # the name outputs.remove_strays clears after a kill
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)

@@ -223,3 +223,24 @@ def _region(array, first: tuple[int, ...], last: tuple[int, ...]) -> tuple[slice
     file_shape = array.shards or array.chunks
     return tuple(slice(start * chunk, min((stop + 1) * chunk, size))
                  for start, stop, chunk, size in zip(first, last, file_shape, array.shape))
+
+
+def load_small_arrays(ds, path: Path, fix: str = DATA_FIX) -> None:
+    """Read every variable of an opened store but its fields (`dyf_fields`) into memory, in place, so later
+    reads come from memory; their checksums are checked on the way.
+
+    Read from a Dask-free view of the store: through Dask each chunk is one task, and a forecast store's
+    `done` has one chunk per block (18 250 blocks: 15.4 s through Dask, 6.5 s here).
+    """
+    import xarray as xr
+
+    fields = set(ds.attrs.get("dyf_fields", []))
+    plain = None
+    for name, variable in ds.variables.items():
+        if name in fields or name in ds.indexes:  # dimension coordinates are in memory already
+            continue
+        with read_errors(path, repr(name), fix):
+            if plain is None:
+                plain = xr.open_zarr(path, consolidated=None, chunks=None)
+            variable.data = plain[name].variable.values
+

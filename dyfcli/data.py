@@ -59,9 +59,8 @@ class Normalizer:
         channel_axis = {"global": 0, "pixel": 1, "pixel-dayofyear": 2}[mode]
 
         def stacked(stat: str) -> np.ndarray:
-            with read_errors(store.path, f"the {stat} statistics"):
-                arrays = [np.asarray(store.ds[f"stats_{stat}_{name}"].values, dtype=np.float32)
-                          for name in store.fields]
+            arrays = [np.asarray(store.ds[f"stats_{stat}_{name}"].values, dtype=np.float32)
+                      for name in store.fields]
             return np.stack(arrays, axis=channel_axis)
 
         mean, std = stacked("mean"), stacked("std")

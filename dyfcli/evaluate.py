@@ -380,11 +380,12 @@ def _write_csv(ds, path: Path) -> None:
     """Long format: source, field, lead, lead_time, metric, value (lead 'mean' for the lead average)."""
     import csv
 
+    from dyfcli import outputs
     from dyfcli.metrics import METRICS
 
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["source", "field", "lead", "lead_time", "metric", "value"])
+        writer.writerow(outputs.SCORES_CSV_HEADER.split(","))  # the header `outputs` recognises dyf's CSV by
         for source in ds["source"].values:
             for field in ds["field"].values:
                 for metric in METRICS:

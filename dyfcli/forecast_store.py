@@ -32,7 +32,8 @@ import numpy as np
 from dyfcli import __version__, outputs
 from dyfcli.errors import DataError
 from dyfcli.runtime import fault_point
-from dyfcli.chunks import check_chunks, checksummed, missing_chunks, open_array, read_errors, verify_chunks
+from dyfcli.chunks import (check_chunks, checksummed, load_small_arrays, missing_chunks, open_array, read_errors,
+                           verify_chunks)
 
 # Consolidated metadata on purpose (one read instead of one per array), as the data store does.
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
@@ -344,11 +345,7 @@ def _open_dataset(path: Path, check: bool = True):
         raise DataError(f"{path} was written by a newer dyf (format {ds.attrs['dyf_format_version']}); upgrade dyf")
     if not check:
         return ds
-    fields = set(ds.attrs.get("dyf_fields", []))
-    for name, variable in ds.variables.items():
-        if name not in fields:
-            with read_errors(path, repr(name), FIX):
-                variable.load()  # in place: later reads come from memory
+    load_small_arrays(ds, path, FIX)  # in place: later reads come from memory
     if "done" in ds.variables:
         done = np.asarray(ds["done"].values, dtype=bool)
         check_chunks(path, ds.variables, FIX, _required_chunks(done, ds.attrs))

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from dyfcli import __version__, outputs
-from dyfcli.chunks import check_chunks, checksum_codecs, checksummed, read_errors, reason, verify_chunks
+from dyfcli.chunks import (check_chunks, checksum_codecs, checksummed, load_small_arrays, read_errors, reason,
+                           verify_chunks)
 from dyfcli.errors import DataError
 
 
@@ -255,7 +256,7 @@ def open_store(path: Path | str) -> DataStore:
         raise DataError(f"{path} was written by a newer dyf (format {ds.attrs['dyf_format_version']}); upgrade dyf")
     validate_dataset(ds)
     check_chunks(path, ds.variables)
-    _load_small_arrays(ds, path)
+    load_small_arrays(ds, path)
     return DataStore(path, ds)
 
 
@@ -268,15 +269,6 @@ def is_unfinished(path: Path) -> bool:
     """A staging store: named `OUT.partial`, or holding a writer's progress folder."""
     path = Path(path)
     return path.name.endswith(".partial") or any((path / marker).exists() for marker in STAGING_MARKERS)
-
-
-def _load_small_arrays(ds, path: Path) -> None:
-    """Read every variable but the fields into memory, in place (their checksums are checked on the way)."""
-    fields = set(ds.attrs["dyf_fields"])
-    for name, variable in ds.variables.items():
-        if name not in fields:
-            with read_errors(path, repr(name)):
-                variable.load()
 
 
 def store_id(store: DataStore) -> str:
