@@ -1,12 +1,19 @@
-"""Evaluation throughput and peak memory on a large forecast store.
+"""Evaluation throughput and peak memory on a large forecast store, against a plain numpy pass.
 
-    .venv/bin/python benchmarks/evaluate.py --gb 3 --members 50 --leads 16 --grid 128x128 [--dir /tmp/x]
+    .venv/bin/python benchmarks/evaluate.py --gb 0.5 --members 50 --leads 16 --grid 128x128 [--dir /tmp/x]
 
 Writes a data store (series x time x Y x X, two fields) and a complete forecast store of about `--gb`
 gigabytes straight with zarr (the real forecast_store schema, filled block by block without a model),
-then runs `dyf evaluate` in a subprocess and reports GB/s and blocks/s (from its --json summary) and the
-child's peak RSS (psutil polling; `ru_maxrss` of the child as a cross-check). A forecast store larger than
-RAM evaluates as long as the peak RSS stays flat as --gb grows.
+then runs, each in a subprocess:
+
+- `dyf evaluate` (every score, both references, rank histograms);
+- a plain numpy pass (`--numpy-pass`): the same store read block by block the same way (xarray without
+  Dask), CRPS (members sorted last with np.sort), ensemble-mean MSE and spread per lead, nothing else;
+
+and prints their wall times side by side (the issue's target: dyf <= 1.5x the numpy pass), GB/s (the
+forecast's float32 bytes over the wall time and over the scoring loop alone) and each child's peak RSS
+(psutil polling). A forecast store larger than RAM evaluates as long as the peak RSS stays flat as --gb
+grows.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,6 +83,41 @@ def make_forecast_store(path: Path, store: Path, inits: int, members: int, leads
     forecast_store.mark_complete(path)
 
 
+def numpy_pass(forecast: Path, store: Path) -> dict:
+    """The plain numpy reference: per lead CRPS (properscoring's), ensemble-mean MSE and spread (ddof 0)
+    over the valid points, for every field; the loop's seconds and bytes read."""
+    import xarray as xr
+
+    fc, truth = xr.open_zarr(forecast, chunks=None), xr.open_zarr(store, chunks=None)
+    fields = list(fc.attrs["dyf_fields"])
+    mask = truth["mask"].values.astype(bool)
+    position = {t: i for i, t in enumerate(truth["time"].values.tolist())}
+    valid_index = np.array([[position[t] for t in row] for row in fc["valid_time"].values.tolist()])
+    members, leads = fc.sizes["member"], fc.sizes["lead"]
+    weights = (2 * np.arange(1, members + 1) - members - 1).astype(np.float32)
+    sums = {f: {name: np.zeros(leads) for name in ("crps", "se", "var", "n")} for f in fields}
+    n_bytes, start = 0, time.perf_counter()
+    for field in fields:
+        for s in range(fc.sizes["series"]):
+            valid = mask[s]
+            for i in range(fc.sizes["init"]):
+                ens = fc[field][s, i].values  # (M, L, Y, X)
+                target = truth[field][s, valid_index[i]].values  # (L, Y, X)
+                n_bytes += ens.nbytes
+                error = np.moveaxis(ens[..., valid] - target[None, :, valid], 0, -1)  # (L, P, M)
+                ordered = np.sort(error, axis=-1)
+                crps = np.abs(error).mean(-1) - (ordered @ weights) / members ** 2
+                totals = sums[field]
+                totals["crps"] += crps.sum(-1, dtype=np.float64)
+                totals["se"] += np.square(error.mean(-1)).sum(-1, dtype=np.float64)
+                totals["var"] += error.var(-1).sum(-1, dtype=np.float64)
+                totals["n"] += valid.sum()
+    seconds = time.perf_counter() - start
+    scores = {f: {"crps": float(np.mean(t["crps"] / t["n"])), "mse": float(np.mean(t["se"] / t["n"])),
+                  "spread": float(np.mean(np.sqrt(t["var"] / t["n"])))} for f, t in sums.items()}
+    return {"seconds": seconds, "bytes_read": n_bytes, "scores": scores}
+
+
 def peak_rss_of(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     import psutil
 
@@ -92,15 +133,30 @@ def peak_rss_of(command: list[str]) -> tuple[subprocess.CompletedProcess, float]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak / 2**20
 
 
+def run_json(command: list[str]) -> tuple[dict, float, float]:
+    """(its JSON stdout, wall seconds, peak RSS MiB) of a child process; SystemExit when it fails."""
+    start = time.perf_counter()
+    proc, peak_mb = peak_rss_of(command)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout), wall, peak_mb
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=3.0, help="forecast store size (uncompressed float32)")
+    parser.add_argument("--gb", type=float, default=0.5, help="forecast store size (uncompressed float32)")
     parser.add_argument("--members", type=int, default=50)
     parser.add_argument("--leads", type=int, default=16)
     parser.add_argument("--grid", default="128x128")
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--numpy-pass", nargs=2, type=Path, metavar=("FORECAST", "STORE"),
+                        help="internal: run only the plain numpy pass on these stores, print JSON")
     args = parser.parse_args()
+    if args.numpy_pass:
+        print(json.dumps(numpy_pass(*args.numpy_pass)))
+        return
     ny, nx = (int(v) for v in args.grid.split("x"))
     block_bytes = args.members * args.leads * 2 * ny * nx * 4
     inits = max(1, round(args.gb * 1e9 / block_bytes / args.series))
@@ -114,21 +170,25 @@ def main() -> None:
         print(f"forecast store: {args.series} series x {inits} inits x {args.members} members x {args.leads} leads x "
               f"2 fields x {ny}x{nx} = {args.series * inits * block_bytes / 1e9:.2f} GB float32 "
               f"({on_disk / 1e9:.2f} GB on disk), written in {time.perf_counter() - start:.0f} s")
-        command = [sys.executable, "-m", "dyfcli", "--json", "evaluate", str(folder / "forecast.zarr")]
-        start = time.perf_counter()
-        proc, peak_mb = peak_rss_of(command)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"dyf evaluate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        summary = json.loads(proc.stdout)
+        forecast, store = folder / "forecast.zarr", folder / "truth.zarr"
+        dyf = [sys.executable, "-m", "dyfcli", "--json", "evaluate", str(forecast)]
+        plain = [sys.executable, str(Path(__file__).resolve()), "--numpy-pass", str(forecast), str(store)]
+        (summary, dyf_wall, dyf_peak), (reference, plain_wall, plain_peak) = run_json(dyf), run_json(plain)
         throughput = summary["throughput"]
-        children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"evaluate: {throughput['bytes_read'] / 1e9:.2f} GB in {throughput['seconds']:.1f} s scoring "
-              f"({wall:.1f} s wall incl. start-up): {throughput['gb_per_s']:.3f} GB/s, "
-              f"{throughput['blocks_per_s']:.2f} blocks/s ({summary['blocks']} blocks of {block_bytes / 1e6:.0f} MB)")
-        print(f"peak RSS of dyf evaluate: {peak_mb:.0f} MiB (polled), {children_max:.0f} MiB (ru_maxrss of children)")
-        print(f"CRPS u mean over leads: {summary['scores']['u']['crps']['mean']:.4f}, "
-              f"SSR {summary['scores']['u']['ssr']['mean']:.3f}; cores: {os.cpu_count()}")
+        gb, plain_gb = throughput["bytes_read"] / 1e9, reference["bytes_read"] / 1e9
+        print(f"dyf evaluate: {dyf_wall:6.1f} s wall ({gb / dyf_wall:.3f} GB/s), scoring loop "
+              f"{throughput['seconds']:.1f} s ({throughput['gb_per_s']:.3f} GB/s), peak RSS {dyf_peak:.0f} MiB; "
+              f"{summary['blocks']} blocks of {block_bytes / 1e6:.0f} MB")
+        print(f"numpy pass:   {plain_wall:6.1f} s wall ({plain_gb / plain_wall:.3f} GB/s), "
+              f"loop {reference['seconds']:.1f} s ({plain_gb / reference['seconds']:.3f} GB/s), "
+              f"peak RSS {plain_peak:.0f} MiB")
+        print(f"ratio dyf / numpy: {dyf_wall / plain_wall:.2f}x wall, "
+              f"{throughput['seconds'] / reference['seconds']:.2f}x loop (target <= 1.5x); weights "
+              f"{summary.get('weights', 'none')}; cores: {len(os.sched_getaffinity(0))}; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        for name in ("crps", "mse", "spread"):
+            ours = summary["scores"]["u"][name]["mean"]
+            print(f"u {name} mean over leads: dyf {ours:.6f}, numpy {reference['scores']['u'][name]:.6f}")
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)

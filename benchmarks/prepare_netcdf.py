@@ -20,7 +20,9 @@ resident memory of each process tree:
 
 `--single-files` writes one file holding every variable per year (for a dyf without the per-variable
 merge or `@LEVEL` syntax: levels then come as separate variables `z500`, ...). The machine may be shared:
-the load average is printed next to every figure.
+the load average is printed next to every figure, and the speed ratios are given in CPU seconds too.
+For each length the last lines give the ratios and the verdict on issue 9's targets: dyf >= 5x the naive
+job's speed (wall clock, yearly chunks) and peak RSS <= 2 GB.
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ SURFACE = {"2m_temperature": ("t2m", 280.0, 15.0), "10m_u_component_of_wind": ("
 LEVELS = {"geopotential": ("z", 50000.0, 3000.0), "temperature": ("t", 260.0, 15.0),
           "u_component_of_wind": ("u", 5.0, 10.0)}
 LEVEL_VALUES = [500, 850, 1000]
+UNITS = {"t2m": "K", "u10": "m s**-1", "v10": "m s**-1", "z": "m**2 s**-2", "t": "K", "u": "m s**-1"}
 FIELDS = ["t2m", "u10", "v10", "z@500", "z@850", "t@500", "t@850", "u@500"]
 GRID = (32, 64)
 FIRST_YEAR = 1979
 STORE_CHUNK = 8  # time steps per chunk of a dyf store of this grid (netcdf.store_time_chunk)
+SPEED_TARGET = 5.0  # issue 9 item 8: dyf >= 5x the naive job's speed...
+RSS_TARGET_GB = 2.0  # ...with a peak RSS <= 2 GB whatever the number of years
 
 
 # ----------------------------------------------------------------------------------------------- archive
@@ -57,25 +62,45 @@ def _coords(year: int) -> dict:
             "lon": ("lon", np.arange(GRID[1]) * 5.625, {"units": "degrees_east", "standard_name": "longitude"})}
 
 
-def _values(rng, steps: int, base: float, spread: float, levels: int | None = None) -> np.ndarray:
+def _values(rng, steps: int, base: float, spread: float, levels: int | None = None,
+            start: int = 0, smooth: bool = False) -> np.ndarray:
+    """Random values; `smooth`: weather-like ones instead, zonal waves travelling eastward across the
+    0°/360° seam (wavenumbers 2 and 3, one lap in 10 and 4 days) plus a diurnal cycle and 10 % noise,
+    so that a map of a forecast shows structure (scripts/global_map.sh)."""
     shape = (steps, *GRID) if levels is None else (steps, levels, *GRID)
-    return (base + spread * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if not smooth:
+        return (base + spread * noise).astype(np.float32)
+    days = (start + np.arange(steps)) / 4.0  # 6-hourly steps
+    lat = np.deg2rad(_coords(FIRST_YEAR)["lat"][1])[None, :, None]
+    lon = np.deg2rad(np.arange(GRID[1]) * 5.625)[None, None, :]
+    t = days[:, None, None]
+    wave = (np.cos(lat) * np.sin(2 * (lon - 2 * np.pi * t / 10)) + 0.5 * np.cos(lat) ** 2 * np.sin(3 * (lon - 2 * np.pi * t / 4))
+            + 0.3 * np.sin(2 * np.pi * t) * np.cos(lon) + np.sin(lat))
+    if levels is not None:
+        wave = wave[:, None]
+    return (base + spread * (wave + 0.1 * noise)).astype(np.float32)
 
 
-def write_archive(root: Path, years: int, single_files: bool) -> list[str]:
-    """The archive of `years` years; returns the path globs to give `dyf prepare netcdf`."""
+def write_archive(root: Path, years: int, single_files: bool, smooth: bool = False) -> list[str]:
+    """The archive of `years` years (`smooth`: travelling waves instead of noise, see `_values`); returns
+    the path globs to give `dyf prepare netcdf`."""
     import xarray as xr
 
     rng = np.random.default_rng(0)
+    start = 0
     for year in range(FIRST_YEAR, FIRST_YEAR + years):
         coords = _coords(year)
         steps = len(coords["time"])
         variables = {}
         for folder, (name, base, spread) in SURFACE.items():
-            variables[(folder, name)] = xr.DataArray(_values(rng, steps, base, spread), dims=("time", "lat", "lon"))
+            variables[(folder, name)] = xr.DataArray(_values(rng, steps, base, spread, None, start, smooth),
+                                                     dims=("time", "lat", "lon"), attrs={"units": UNITS[name]})
         for folder, (name, base, spread) in LEVELS.items():
-            variables[(folder, name)] = xr.DataArray(_values(rng, steps, base, spread, len(LEVEL_VALUES)),
-                                                     dims=("time", "level", "lat", "lon"))
+            variables[(folder, name)] = xr.DataArray(
+                _values(rng, steps, base, spread, len(LEVEL_VALUES), start, smooth),
+                dims=("time", "level", "lat", "lon"), attrs={"units": UNITS[name]})
+        start += steps
         if single_files:
             flat = {}
             for (_, name), da in variables.items():
@@ -137,6 +162,23 @@ def naive_job(out: str, single_files: bool, globs: list[str], time_chunk: int) -
     xr.Dataset(picked).chunk({"time": time_chunk}).to_zarr(out, mode="w")  # zarr needs uniform chunks (leap years)
 
 
+def verdict(years: int, ours: dict, naive: dict, naive_small: dict) -> str:
+    """The targets of issue 9 item 8 for one archive length: dyf >= SPEED_TARGET x the naive job's speed
+    (wall clock, side by side; CPU seconds too, which a shared machine disturbs less) and peak RSS <=
+    RSS_TARGET_GB."""
+    if ours["returncode"] != 0:
+        return f"  {years} years: dyf FAILED, no verdict"
+    wall, cpu = naive["seconds"] / ours["seconds"], naive["cpu_seconds"] / ours["cpu_seconds"]
+    wall_small = naive_small["seconds"] / ours["seconds"]
+    speed = "met" if wall >= SPEED_TARGET else "NOT met"
+    memory = "met" if ours["peak_rss_gb"] <= RSS_TARGET_GB else "NOT met"
+    return (f"  {years} years: dyf {wall:.2f}x the naive job's speed (yearly chunks; CPU {cpu:.2f}x), "
+            f"{wall_small:.2f}x the naive job writing the store's chunks of {STORE_CHUNK} steps; naive computes "
+            f"no statistics and checks nothing\n"
+            f"  target speed >= {SPEED_TARGET:g}x the naive job: {speed} ({wall:.2f}x); "
+            f"target peak RSS <= {RSS_TARGET_GB:g} GB: {memory} ({ours['peak_rss_gb']:.2f} GB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--years", default="3,10", help="archive lengths to prepare, comma-separated (>= 3)")
@@ -169,9 +211,7 @@ def main() -> None:
                 status = "" if result["returncode"] == 0 else f"  FAILED {result['stderr_tail']}"
                 print(f"{job:<8}{years:>6}{result['seconds']:>9.1f}{result['cpu_seconds']:>8.1f}"
                       f"{result['peak_rss_gb']:>13.2f}{result['load']:>6.1f}{status}")
-            print(f"  {years} years: dyf {naive['seconds'] / ours['seconds']:.1f}x the naive job's speed "
-                  f"(yearly chunks), {naive_small['seconds'] / ours['seconds']:.1f}x with the store's chunks of "
-                  f"{STORE_CHUNK} steps; naive computes no statistics and checks nothing")
+            print(verdict(years, ours, naive, naive_small))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -3,13 +3,19 @@
 - `dropout`: a time-conditioned forecaster x_j = net(x0, time=j) trained with MSE at j ~ U{1..h}; at
   inference MC dropout stays on and each lead j = 1..h is one independent pass (leads are not chained);
   every member and lead draws its own masks (`noise.fold(j)`).
-- `perturbation`: the same network and training; at inference dropout is off and each member's initial
-  condition gets `baseline.perturbation_sigma * N(0, 1)` (normalised units), one draw per member and window.
+- `perturbation`: the same network and training; at inference dropout is off and the initial condition gets
+  `sigma * N(0, 1)` (sigma = `baseline.perturbation_sigma`, in the units the network sees). As the official
+  code (`get_ensemble_inputs`, called once per lead time in the first window; `perturbation_noise:
+  per-lead`): every member and lead time of the first window draws its own noise, and later windows start
+  from the member's own x_h unperturbed. `per-member` keeps one draw per member and window, shared by its
+  leads, in every window (dyf's earlier mechanism).
 - `ddpm`: a conditional Gaussian diffusion model over the h stacked future frames (h*C channels), conditioned
   on x0 (and the static fields) by concatenation, with the diffusion step as the network's time input (the
   time embedding is ON; the official configs shipped it off by mistake). Cosine beta schedule (s = 0.008,
   betas clipped at 0.999), epsilon prediction with an L1 loss, t ~ U{0..T-1}. Sampling is ancestral over
   all T steps, or DDIM with `eta` over `baseline.sampling_steps` evenly spaced steps.
+- `mcvd`: the paper's MCVD ("concat", linear betas, MCVD's level index; `dyfcli/mcvd.py`), built on the
+  DDPM maths below.
 
 Each method gives `train.py` an object with `kind`, `network`, `to(device)`, `loss(batch)` and
 `validation_ensemble(batch, noise, members)`, and gives `forecast.py` a model with `horizon`,
@@ -26,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -160,17 +166,42 @@ class TimeConditionedForecaster:
     """x_j = net(x0, time=j, cond) for j = 1..h: the Dropout and Perturbation baselines.
 
     inference = "dropout": MC dropout on, independent masks per member and lead (`noise.fold(j)`).
-    inference = "perturbation": dropout off, x0 + sigma * N(0, 1) per member (`noise.fold(PERTURBATION_SALT)`).
+    inference = "perturbation": dropout off, x0 + sigma * N(0, 1): with `noise_mode` "per-lead" one draw per
+    member and lead time in window 0 only (`noise.fold(PERTURBATION_SALT).fold(j)`), none later; with
+    "per-member" one draw per member in every window (`noise.fold(PERTURBATION_SALT)`).
     """
 
-    def __init__(self, network: nn.Module, horizon: int, inference: str, sigma: float = 0.0):
+    uses_window_index = True  # `forecast.rollout` passes `window=` (perturbation depends on it)
+
+    def __init__(self, network: nn.Module, horizon: int, inference: str, sigma: float = 0.0,
+                 noise_mode: str = "per-lead"):
         if inference not in ("dropout", "perturbation"):
             raise ValueError(f"inference {inference!r} is not dropout or perturbation")
+        if noise_mode not in ("per-lead", "per-member"):
+            raise ValueError(f"noise_mode {noise_mode!r} is not per-lead or per-member")
         self.network, self.horizon, self.inference, self.sigma = network, horizon, inference, sigma
+        self.noise_mode = noise_mode
 
     def to(self, device) -> TimeConditionedForecaster:
         self.network.to(device)
         return self
+
+    def with_sigma(self, sigma: float) -> TimeConditionedForecaster:
+        """The same network with another perturbation sigma (`dyf forecast --perturbation-sigma`, the
+        validation grid of `baseline.perturbation_sigma_grid`)."""
+        return TimeConditionedForecaster(self.network, self.horizon, self.inference, sigma, self.noise_mode)
+
+    def _inputs(self, x0: torch.Tensor, noise: MemberNoise, lead: int, window: int) -> torch.Tensor:
+        """What the network starts lead `lead` of window `window` from (perturbed or not)."""
+        if self.inference != "perturbation":
+            return x0
+        if self.noise_mode == "per-member":
+            stream = noise.fold(PERTURBATION_SALT)
+        elif window == 0:
+            stream = noise.fold(PERTURBATION_SALT).fold(lead)
+        else:
+            return x0
+        return x0 + self.sigma * stream.normal(tuple(x0.shape[1:])).to(x0.device, x0.dtype)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """MSE of net(x0, j) against x_j, j ~ U{1..h} per window."""
@@ -182,21 +213,21 @@ class TimeConditionedForecaster:
 
     @torch.no_grad()
     def sample_window(self, x0: torch.Tensor, static_cond: torch.Tensor | None, noise: MemberNoise,
-                      output_times: tuple[float, ...] | None = None) -> torch.Tensor:
-        """(B, C, Y, X) -> (B, h, C, Y, X), one batch row per member."""
+                      output_times: tuple[float, ...] | None = None, window: int = 0) -> torch.Tensor:
+        """(B, C, Y, X) -> (B, h, C, Y, X), one batch row per member; `window`: the autoregressive window's
+        index (0: x0 is the initial condition)."""
         _whole_leads_only(self.horizon, output_times)
         condition = nonempty(static_cond)
-        if self.inference == "perturbation":
-            x0 = x0 + self.sigma * noise.fold(PERTURBATION_SALT).normal(tuple(x0.shape[1:])).to(x0.device, x0.dtype)
         outputs = []
         with eval_mode(self.network):
             for lead in range(1, self.horizon + 1):
                 time = torch.full((x0.shape[0],), float(lead), device=x0.device, dtype=x0.dtype)
+                inputs = self._inputs(x0, noise, lead, window)
                 if self.inference == "dropout":
                     with mc_dropout(self.network, noise.fold(lead)):
-                        outputs.append(self.network(x0, time, condition))
+                        outputs.append(self.network(inputs, time, condition))
                 else:
-                    outputs.append(self.network(x0, time, condition))
+                    outputs.append(self.network(inputs, time, condition))
         return torch.stack(outputs, dim=1)
 
     def network_calls(self, output_times: tuple[float, ...] | None = None) -> dict[str, int]:
@@ -255,12 +286,17 @@ class DiffusionForecaster:
 
 # ================================================================================================ building
 
-def _build(method: str, config: Any, fields: int, conditions: int) -> TimeConditionedForecaster | DiffusionForecaster:
+if TYPE_CHECKING:
+    from dyfcli.mcvd import MCVDForecaster
+
+
+def _build(method: str, config: Any, fields: int,
+           conditions: int) -> TimeConditionedForecaster | DiffusionForecaster | MCVDForecaster:
     """The model of `method` with fresh weights, from a `config.RunConfig`."""
     network_config, horizon = config.forecaster.network, config.data.horizon
     if method in ("dropout", "perturbation"):
         channels = {"in_channels": fields, "cond_channels": conditions, "out_channels": fields}
-    elif method == "ddpm":
+    elif method in ("ddpm", "mcvd"):
         channels = {"in_channels": horizon * fields, "cond_channels": fields + conditions,
                     "out_channels": horizon * fields}
     else:
@@ -272,14 +308,20 @@ def _build(method: str, config: Any, fields: int, conditions: int) -> TimeCondit
     if method == "ddpm":
         return DiffusionForecaster(network, horizon, fields, config.baseline.diffusion_steps,
                                    config.baseline.sampling_steps)
-    return TimeConditionedForecaster(network, horizon, method, config.baseline.perturbation_sigma)
+    if method == "mcvd":
+        from dyfcli.mcvd import MCVDForecaster  # mcvd.py builds on this module's DDPM maths
+
+        return MCVDForecaster(network, horizon, fields, config.baseline.diffusion_steps,
+                              config.baseline.sampling_steps)
+    return TimeConditionedForecaster(network, horizon, method, config.baseline.perturbation_sigma,
+                                     config.baseline.perturbation_noise)
 
 
 @dataclass
 class BaselineTraining:
     """What `train.py`'s loop needs from a baseline (its `TrainingMethod` protocol)."""
 
-    model: TimeConditionedForecaster | DiffusionForecaster
+    model: TimeConditionedForecaster | DiffusionForecaster | MCVDForecaster
     kind: str
 
     @property
@@ -302,11 +344,12 @@ class BaselineTraining:
 
 
 def training_method(method: str, config: Any, fields: int, conditions: int) -> BaselineTraining:
-    """`train-forecaster --method dropout|perturbation|ddpm`: the network comes from `forecaster.network`."""
+    """`train-forecaster --method dropout|perturbation|ddpm|mcvd`: the network comes from `forecaster.network`."""
     return BaselineTraining(_build(method, config, fields, conditions), method)
 
 
-def build_model_from_checkpoint(checkpoint: Any, device) -> TimeConditionedForecaster | DiffusionForecaster:
+def build_model_from_checkpoint(checkpoint: Any,
+                                device) -> TimeConditionedForecaster | DiffusionForecaster | MCVDForecaster:
     """The sampler of a baseline checkpoint (`checkpoint.Checkpoint`), weights loaded, eval mode, on `device`."""
     from dyfcli.config import config_from_dict
 
@@ -314,7 +357,7 @@ def build_model_from_checkpoint(checkpoint: Any, device) -> TimeConditionedForec
         raise CheckpointError(f"a {checkpoint.kind!r} checkpoint is not a baseline ({', '.join(METHODS)})")
     try:
         config = config_from_dict(checkpoint.config, "the checkpoint's config")
-        model = _build(checkpoint.kind, config, len(checkpoint.fields), len(checkpoint.cond_names))
+        model = _build(checkpoint.kind, config, len(checkpoint.fields), checkpoint.condition_channels)
         model.network.load_state_dict(checkpoint.state_dict)
     except (ConfigError, RuntimeError) as err:
         message = getattr(err, "message", None) or str(err).strip().splitlines()[0][:200]

@@ -5,7 +5,7 @@ A checkpoint file is `torch.save` of a plain dict (tensors, numbers, strings, li
 
     format          "dyf-checkpoint"
     format_version  FORMAT_VERSION (an older dyf refuses a newer file)
-    kind            "interpolator" | "forecaster" | a baseline name ("dropout", "perturbation", "ddpm")
+    kind            "interpolator" | "forecaster" | a baseline name ("dropout", "perturbation", "ddpm", "mcvd")
     method          the training method that made it ("dyffusion" for both DYffusion stages, else the baseline)
     config          the full resolved RunConfig as a nested dict
     fields          channel order of the networks (the store's dyf_fields)
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 STATE_FORMAT = "dyf-training-state"
 CHECKSUMS = "checksums"
 DYFFUSION_KINDS = ("interpolator", "forecaster")
-BASELINE_KINDS = ("dropout", "perturbation", "ddpm")
+BASELINE_KINDS = ("dropout", "perturbation", "ddpm", "mcvd")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,22 @@ class Checkpoint:
     @property
     def parameter_count(self) -> int:
         return int(sum(t.numel() for name, t in self.state_dict.items() if _is_parameter(name, t)))
+
+    @property
+    def calendar(self) -> list[str]:
+        """The calendar conditioning channels the networks take (`data.calendar` of the config)."""
+        return list(self.config.get("data", {}).get("calendar") or [])
+
+    @property
+    def condition_channels(self) -> int:
+        """C_cond of the networks: the static `cond_names` plus sin and cos per calendar feature."""
+        return len(self.cond_names) + 2 * len(self.calendar)
+
+    @property
+    def periodic_x(self) -> bool:
+        """Whether the trained network pads x circularly (`network.hyper.periodic_x` of its config section)."""
+        section = "interpolator" if self.kind == "interpolator" else "forecaster"
+        return bool(self.config.get(section, {}).get("network", {}).get("hyper", {}).get("periodic_x", False))
 
 
 def _plain(value: Any) -> Any:
@@ -386,7 +402,7 @@ def check_compatible(checkpoint: Checkpoint, store) -> None:
     if list(store.cond_names) != list(checkpoint.cond_names):
         raise CheckpointError(f"the checkpoint expects conditioning {checkpoint.cond_names or 'none'}, the store "
                               f"{store.path} has {store.cond_names or 'none'}; use a matching store")
-    if checkpoint.store.get("normalization", "global") != "global":
+    if checkpoint.store.get("normalization", "global") not in ("global", "none"):  # per-pixel statistics
         same_grid = tuple(store.grid) == tuple(checkpoint.grid)
         same_series = int(store.ds.sizes["series"]) == int(checkpoint.store.get("series", -1))
         if not (same_grid and same_series):
@@ -394,10 +410,34 @@ def check_compatible(checkpoint: Checkpoint, store) -> None:
                 f"the checkpoint's per-pixel statistics cover {checkpoint.store.get('series')} series on a "
                 f"{tuple(checkpoint.grid)} grid, the store {store.path} has {int(store.ds.sizes['series'])} series "
                 f"on {tuple(store.grid)}; use the store it was trained on (or one prepared the same way)")
+    _check_geography(checkpoint, store)
     identity = store_identity(store)
     if identity["stats_sha256"] != checkpoint.store.get("stats_sha256"):
         log.warning("the store %s has other normalisation statistics than the training store %s; the "
                     "checkpoint's own statistics are used", store.path, checkpoint.store.get("path"))
+
+
+def _check_geography(checkpoint: Checkpoint, store) -> None:
+    """Calendar channels need dated times; a network that wraps x around needs a periodic store.
+
+    A periodic network on a store that is not (a regional grid) would join its west and east edges:
+    refused. A non-periodic network on a periodic store (trained before dyf recorded periodicity, or with
+    `periodic_x: false`) runs as trained, with a logged note.
+    """
+    from dyfcli.data import calendar_problem
+
+    problem = calendar_problem(store, checkpoint.calendar, training=False)
+    if problem:
+        raise CheckpointError(f"the checkpoint was trained with calendar channels: {problem}")
+    networks = [checkpoint] + ([checkpoint.interpolator] if checkpoint.interpolator is not None else [])
+    wrapping = [c.kind for c in networks if c.periodic_x]
+    if wrapping and not store.periodic_x:
+        raise CheckpointError(f"the checkpoint's {' and '.join(wrapping)} network pads x circularly (trained on a "
+                              f"store whose longitudes span 360 degrees), but {store.path} is not periodic in x; "
+                              "use a whole-globe store or a checkpoint trained on this kind of grid")
+    if store.periodic_x and len(wrapping) < len(networks):
+        log.warning("%s is periodic in x but the checkpoint's networks were trained without periodic padding: "
+                    "the 0/360 seam stays an edge (re-train on this store to wrap it)", store.path)
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -433,6 +473,8 @@ def _summary(checkpoint: Checkpoint) -> dict[str, Any]:
         "conditioning": checkpoint.cond_names,
         "horizon": config.get("data", {}).get("horizon"),
         "network": stage.get("network", {}).get("kind"),
+        "periodic_x": checkpoint.periodic_x,
+        "calendar": checkpoint.calendar,
         "parameters": checkpoint.parameter_count,
         "training": checkpoint.training,
         "store": checkpoint.store,

@@ -36,7 +36,9 @@ from typing import Any, Literal
 from dyfcli.errors import ConfigError
 
 FORWARD_CONDITIONING = ("data", "none", "data+noise")
+CALENDAR_FEATURES = ("dayofyear", "hourofday")
 LR_SCHEDULES = ("none", "cosine")
+PERTURBATION_NOISE = ("per-lead", "per-member")
 NETWORK_KINDS = ("unet", "unet-ns", "cnn")
 OPTIONAL = {"optional": True}  # field metadata: a key a complete preset may leave out
 
@@ -52,6 +54,9 @@ class DataConfig:
     batch_size: training windows per micro-batch (per process under DDP).
     eval_batch_size: initial conditions per validation batch; each is repeated `training.val_ensemble` times.
     num_workers: DataLoader worker processes (0 = load in the main process).
+    calendar: calendar conditioning channels (optional key, default none): `dayofyear` adds
+      sin/cos(2 pi dayofyear / 365.25), `hourofday` sin/cos(2 pi hour / 24), constant over the grid, from the
+      valid time of each window's input state (`data.calendar_features`); needs a dated store.
     """
 
     horizon: int = 4
@@ -59,6 +64,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 4
     num_workers: int = 0
+    calendar: tuple[str, ...] = field(default=(), metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         _require(self.horizon >= 2, "data.horizon", self.horizon, "at least 2 (the interpolator needs 1..h-1)")
@@ -66,6 +72,9 @@ class DataConfig:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "at least 1")
         _require(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "at least 1")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        distinct = len(set(self.calendar)) == len(self.calendar)
+        _require(distinct and all(name in CALENDAR_FEATURES for name in self.calendar), "data.calendar",
+                 list(self.calendar), f"a list of distinct names from {', '.join(CALENDAR_FEATURES)}")
 
 
 @dataclass(frozen=True)
@@ -233,19 +242,33 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """Settings read only by the baselines (`train-forecaster --method dropout|perturbation|ddpm`).
+    """Settings read only by the baselines (`train-forecaster --method dropout|perturbation|ddpm|mcvd`).
 
-    perturbation_sigma: standard deviation of the noise added to each member's x0 (Perturbation baseline).
-    diffusion_steps: DDPM's number of noise levels (1000 in the paper).
-    sampling_steps: DDPM sampling steps (null: all of them; fewer uses DDIM with eta 1).
+    perturbation_sigma: standard deviation of the noise added to x0 (Perturbation baseline), in the units
+      the network sees (standardised, or raw units for a `--normalization none` store).
+    perturbation_noise: how the Perturbation baseline draws it (optional key): `per-lead` (the official
+      mechanism: in the first autoregressive window every lead time j = 1..h is forecast from its own
+      x0 + sigma eps_j; later windows start from the member's own x_h, unperturbed) or `per-member` (dyf's
+      earlier mechanism: one eps per member and window, shared by its leads, in every window).
+    perturbation_sigma_grid: candidate sigmas (optional key); when given, training ends by scoring each on
+      the validation split (ensemble CRPS) and records the best as `perturbation_sigma` in the checkpoint.
+    diffusion_steps: DDPM's and MCVD's number of noise levels (1000 in the paper).
+    sampling_steps: DDPM/MCVD sampling steps (null: all of them; fewer: DDIM with eta 1 for DDPM, every
+      (T // S)-th level for MCVD as its official sampler).
     """
 
     perturbation_sigma: float = 0.05
+    perturbation_noise: str = field(default="per-lead", metadata=OPTIONAL)
+    perturbation_sigma_grid: tuple[float, ...] = field(default=(), metadata=OPTIONAL)
     diffusion_steps: int = 1000
     sampling_steps: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.perturbation_sigma >= 0, "baseline.perturbation_sigma", self.perturbation_sigma, "0 or more")
+        _require(self.perturbation_noise in PERTURBATION_NOISE, "baseline.perturbation_noise",
+                 self.perturbation_noise, f"one of {', '.join(PERTURBATION_NOISE)}")
+        _require(all(sigma >= 0 for sigma in self.perturbation_sigma_grid), "baseline.perturbation_sigma_grid",
+                 list(self.perturbation_sigma_grid), "a list of numbers >= 0")
         _require(self.diffusion_steps >= 1, "baseline.diffusion_steps", self.diffusion_steps, "at least 1")
         _require(self.sampling_steps is None or 1 <= self.sampling_steps <= self.diffusion_steps,
                  "baseline.sampling_steps", self.sampling_steps, "between 1 and baseline.diffusion_steps, or null")
@@ -393,6 +416,14 @@ def named_preset(name: str) -> Path:
             return path
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names()) or '(none found)'} "
                       "or give a YAML file path")
+
+
+def method_preset(system: str, method: str) -> str:
+    """The shipped preset for `train-forecaster --method METHOD` on a store of `system` (`sst`,
+    `navier-stokes`, `spring-mesh`): `<system>-<method>` (e.g. `sst-dropout`, the official baseline
+    settings) where one is shipped, else `<system>` (the paper's DYffusion settings)."""
+    specific = f"{system}-{method}"
+    return specific if specific in preset_names() else system
 
 
 def read_preset(name_or_path: str) -> dict[str, Any]:
@@ -573,6 +604,11 @@ def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
         if value not in typing.get_args(annotation):
             _wrong(key, value, " or ".join(map(repr, typing.get_args(annotation))), source)
         return value
+    if origin is tuple and typing.get_args(annotation)[-1] is Ellipsis:  # tuple[T, ...]: a list of any length
+        if not isinstance(value, (list, tuple)):
+            _wrong(key, value, "a list", source)
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_convert(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):

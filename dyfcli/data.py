@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dyfcli.errors import DataError, DyfError, UsageError
+from dyfcli.errors import ConfigError, DataError, DyfError, UsageError
 from dyfcli.chunks import read_errors
 from dyfcli.store import DataStore, open_store
 
@@ -39,6 +39,8 @@ class Normalizer:
     `global`: `(C,)`; `pixel`: `(S, C, Y, X)`; `pixel-dayofyear`: `(366, S, C, Y, X)` (row d-1 is day d).
     `time_dayofyear` `(T,)` is the day of year (1..366, xarray's `time.dt.dayofyear`) of each store time
     index; it is only needed by `normalize`/`denormalize` in `pixel-dayofyear` mode.
+    `none`: the identity (raw units, as the official code trains the simulated systems); its state holds
+    mean 0 and std 1 `(C,)`, and the store's own statistics are not used.
     """
 
     mode: str
@@ -56,6 +58,9 @@ class Normalizer:
         """Stack the `stats_mean_<field>` / `stats_std_<field>` arrays of an opened store (`open_store`
         read them into memory, checksums checked)."""
         mode = store.normalization
+        if mode == "none":
+            count = len(store.fields)
+            return cls(mode, tuple(store.fields), np.zeros(count, np.float32), np.ones(count, np.float32))
         channel_axis = {"global": 0, "pixel": 1, "pixel-dayofyear": 2}[mode]
 
         def stacked(stat: str) -> np.ndarray:
@@ -118,7 +123,7 @@ class Normalizer:
 
     def _stats(self, x, series_index, dayofyear) -> tuple:
         """Mean and std broadcastable against `x` `(T, C, Y, X)`, as the type of `x`."""
-        if self.mode == "global":
+        if self.mode in ("global", "none"):  # none: mean 0, std 1, so x comes back exactly (a new array)
             mean, std = self.mean[None, :, None, None], self.std[None, :, None, None]
         elif self.mode == "pixel":
             mean, std = self.mean[series_index], self.std[series_index]
@@ -149,6 +154,49 @@ def store_dayofyear(store: DataStore) -> np.ndarray:
     return store.ds["time"].dt.dayofyear.values.astype(np.int16)
 
 
+# ----------------------------------------------------------------------------------------------- calendar
+
+CALENDAR_PERIODS = {"dayofyear": 365.25, "hourofday": 24.0}  # the `data.calendar` features and their periods
+
+
+def calendar_features(times: np.ndarray, names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """`(N, 2 * len(names))` float32: `[sin, cos](2 pi value / period)` per name, in `names` order.
+
+    `times` `(N,)` datetime64. `dayofyear` is 1..366 (xarray's `time.dt.dayofyear`) over 365.25 days;
+    `hourofday` is the fractional hour (hour + minutes / 60 + seconds / 3600) over 24 hours.
+    """
+    import pandas as pd
+
+    index = pd.DatetimeIndex(np.asarray(times).ravel())
+    values = {"dayofyear": index.day_of_year.to_numpy(np.float64),
+              "hourofday": index.hour + index.minute / 60.0 + index.second / 3600.0}
+    columns = []
+    for name in names:
+        angle = 2.0 * np.pi * np.asarray(values[name], dtype=np.float64) / CALENDAR_PERIODS[name]
+        columns += [np.sin(angle), np.cos(angle)]
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(index), 0), np.float32)
+
+
+def calendar_problem(store: DataStore, names: tuple[str, ...] | list[str], *, training: bool) -> str | None:
+    """Why `store` cannot give the calendar channels `names` (None when it can); callers raise their error.
+
+    Calendar channels come from dates: an undated store (simulation times) cannot give them. When
+    `training`, `hourofday` is also refused on a store whose steps all fall at the same time of day
+    (daily or coarser data): the channels would be constant, a model input that carries nothing.
+    """
+    if not names:
+        return None
+    if not store.is_dated:
+        return (f"data.calendar {list(names)} needs dated time steps, and {store.path} has simulation times; "
+                "remove data.calendar or use a dated store")
+    times = np.asarray(store.ds["time"].values)
+    time_of_day = times - times.astype("datetime64[D]")
+    if training and "hourofday" in names and len(np.unique(time_of_day)) == 1:
+        return (f"data.calendar has hourofday, but every time step of {store.path} falls at the same time of "
+                "day (daily or coarser data), so those channels would be constant; remove hourofday")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- windows
 
 def window_starts(ranges: list[tuple[int, int, int]], length: int, stride: int = 1) -> np.ndarray:
@@ -168,11 +216,14 @@ class WindowDataset(torch.utils.data.Dataset):
 
     Item `i` -> `{"dynamics": float32 (length, C, Y, X), "condition": float32 (C_cond, Y, X),
     "series": int, "start": int}` with fields in the store's `dyf_fields` order, NaN (invalid points)
-    set to 0 after normalisation, and the static `cond_*` fields in sorted-name order.
+    set to 0 after normalisation, and the condition = the static `cond_*` fields in sorted-name order,
+    then the `calendar` channels (`calendar_features`, constant over the grid) of the window's first
+    time step: the input state x0, as in forecasting, where each window starts from a known time.
     `windows[i]` is `(series_index, start)` with `start` a store time index.
     """
 
-    def __init__(self, store_path: Path | str, split: str, length: int, stride: int = 1):
+    def __init__(self, store_path: Path | str, split: str, length: int, stride: int = 1,
+                 calendar: tuple[str, ...] = ()):
         if length < 1 or stride < 1:
             raise UsageError(f"window length ({length}) and stride ({stride}) must be at least 1")
         store = open_store(store_path)
@@ -190,11 +241,21 @@ class WindowDataset(torch.utils.data.Dataset):
                             f"steps (its longest series there has {longest}); use a shorter horizon or "
                             "re-run `dyf prepare` with a longer split")
         self.condition = _load_condition(store)
+        self.calendar = tuple(calendar)
+        problem = calendar_problem(store, self.calendar, training=True)
+        if problem:
+            raise ConfigError(problem)
+        self._calendar = calendar_features(store.ds["time"].values, self.calendar) if self.calendar else None
         self._arrays: list | None = None
         self._opened_by: int | None = None
 
     def __len__(self) -> int:
         return len(self.windows)
+
+    @property
+    def condition_channels(self) -> int:
+        """C_cond of an item's condition: static fields plus calendar channels."""
+        return len(self.cond_names) + (0 if self._calendar is None else self._calendar.shape[1])
 
     def __getitem__(self, index: int) -> dict:
         series, start = (int(v) for v in self.windows[index])
@@ -205,8 +266,14 @@ class WindowDataset(torch.utils.data.Dataset):
                 dynamics[:, channel] = array[series, start:stop]
         dynamics = self.normalizer.normalize(dynamics, series, np.arange(start, stop))
         dynamics[np.isnan(dynamics)] = 0.0
-        return {"dynamics": torch.from_numpy(dynamics), "condition": torch.from_numpy(self.condition[series]),
+        return {"dynamics": torch.from_numpy(dynamics), "condition": torch.from_numpy(self._condition(series, start)),
                 "series": series, "start": start}
+
+    def _condition(self, series: int, start: int) -> np.ndarray:
+        if self._calendar is None:
+            return self.condition[series]
+        calendar = np.broadcast_to(self._calendar[start][:, None, None], (self._calendar.shape[1], *self.grid))
+        return np.concatenate([self.condition[series], calendar])
 
     def _open(self) -> list:
         """The Zarr arrays of the fields, opened once per process (DataLoader workers open their own)."""

@@ -9,6 +9,22 @@ up at the valid times in the data store, builds the two reference forecasts, and
 - `climatology`: the data store's training mean `stats_mean_<field>` (for day-of-year statistics the mean
   of the valid time's day of year), also a 1-member ensemble, so its CRPS is its MAE.
 
+Options (`ScoreOptions`), each recorded in every output:
+
+- weights: `coslat` (area weights, `area_weights`; the default where the data store has latitudes) or
+  `none` (every valid point counts the same);
+- units: `physical` (the store's units) or `standardized` (the errors divided by the store's training
+  standard deviation at each point and valid time, i.e. the scores of the normalised fields the networks
+  see, as the paper reports SST);
+- ssr: `pooled` (the spread-skill ratio over all points of a lead) or `per-series`, which adds
+  `ssr_per_series` (per series, then the plain mean over series: the paper's protocol for trajectories)
+  next to the pooled `ssr`.
+
+Besides every field, the row `all` pools the points of all fields per lead (the official code scores all
+channels at once: the paper's single number per data set). For CRPS, MSE and the rank histogram that is
+the mean over fields when the fields share their valid points; it is meaningful across fields of different
+units only with `--units standardized`.
+
 Outputs: a summary dict (JSON-ready, for `--json`), an xarray Dataset written as NetCDF, Zarr or CSV by
 the extension of `--out`, and optional plots (`dyfcli.plots`).
 """
@@ -28,12 +44,37 @@ from dyfcli.errors import DataError, UsageError
 log = logging.getLogger("dyf.evaluate")
 
 REFERENCES = ("persistence", "climatology")
+ALL_FIELDS = "all"  # the row that pools every field
+WEIGHTS = ("coslat", "none")
+UNITS = ("physical", "standardized")
+SSR_MODES = ("pooled", "per-series")
 # Float64 elements per slice of one block (members x leads x points): bounds the working memory.
 SLICE_ELEMENTS = int(os.environ.get("DYF_EVALUATE_SLICE_ELEMENTS", 4_000_000))
 OUTPUT_SUFFIXES = (".nc", ".zarr", ".csv")
-# Intra-op threads for scoring. The kernels are memory-bound on modest slices, and OpenMP threads that
-# spin-wait on a busy machine made them ten times slower; one thread per process is the safe default.
+# Intra-op torch threads for scoring on a GPU host. OpenMP threads that spin-wait on a busy machine made
+# the kernels ten times slower; one thread per process is the safe default.
 SCORE_THREADS = int(os.environ.get("DYF_EVALUATE_THREADS", 1))
+# Worker threads that read blocks and compute their point-wise values (zarr's decompression and numpy's
+# kernels release the GIL); the main thread adds them up in block order, so the scores do not depend on
+# this number. Memory: about workers + 2 blocks.
+SCORE_WORKERS = int(os.environ.get("DYF_EVALUATE_WORKERS", min(8, len(os.sched_getaffinity(0)))))
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to score: `weights` None = `coslat` where the data store has latitudes, else `none`."""
+
+    weights: str | None = None
+    units: str = "physical"
+    ssr: str = "pooled"
+
+    def check(self) -> None:
+        for flag, value, choices in (("--weights", self.weights, WEIGHTS), ("--units", self.units, UNITS),
+                                     ("--ssr", self.ssr, SSR_MODES)):
+            if value is not None and value not in choices:
+                raise UsageError(f"{flag} {value}: choose one of {', '.join(choices)}")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -53,6 +94,7 @@ class Inputs:
     leads: np.ndarray  # indices of the forecast leads that have truth everywhere
     mask: np.ndarray  # (series, y, x) bool
     forecast_path: Path | None = None
+    weights: np.ndarray | None = None  # (series, y, x) float64 area weights, None for `none`
 
 
 def open_inputs(forecast_path: Path, truth_path: Path | None, allow_other_truth: bool = False) -> Inputs:
@@ -181,6 +223,71 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def resolve_options(inputs: Inputs, options: ScoreOptions) -> ScoreOptions:
+    """The options with `weights` decided, and `inputs.weights` set; UsageError for a choice this data
+    store cannot give (coslat without latitudes, standardized without normalisation statistics)."""
+    lat = _latitudes(inputs)
+    weights = options.weights or ("coslat" if lat is not None else "none")
+    if options.weights is None:
+        log.info("weights: %s (%s)", weights, "the data store has latitudes" if lat is not None
+                 else "the data store has no latitudes")
+    if weights == "coslat":
+        if lat is None:
+            raise UsageError(f"--weights coslat: the data store {inputs.truth_path} has no latitudes (lat); "
+                             "use --weights none")
+        inputs.weights = area_weights(lat, inputs.mask, inputs.truth_path)
+    if options.units == "standardized":
+        _check_statistics(inputs)
+    return ScoreOptions(weights, options.units, options.ssr)
+
+
+def _latitudes(inputs: Inputs) -> np.ndarray | None:
+    """Latitudes in degrees of every point of the forecast's series, (series, y, x), or None. The store
+    holds `lat(series, y)` (regular grids, tiles) or `lat(series, y, x)` (curvilinear grids)."""
+    if "lat" not in inputs.truth.variables:
+        return None
+    lat = inputs.truth["lat"]
+    values = np.asarray(lat.values, dtype=np.float64)[inputs.series_index]
+    shape = inputs.mask.shape
+    if lat.dims == ("series", "y"):
+        return np.broadcast_to(values[:, :, None], shape)
+    if lat.dims == ("series", "y", "x"):
+        return values
+    raise DataError(f"the data store {inputs.truth_path} has lat{lat.dims}, expected (series, y) or (series, y, x); "
+                    "re-run `dyf prepare`, or use --weights none")
+
+
+def area_weights(lat: np.ndarray, mask: np.ndarray, where: Path) -> np.ndarray:
+    """cos(latitude) at every point, normalised to mean 1 over the valid points (`mask`) of all scored
+    series together (one constant, so tiles near the poles weigh less than tiles near the equator).
+
+    WeatherBench-2 weights by cell area (`get_lat_weights`: the sine of the cell edges' latitudes), which
+    on an equiangular grid is cos(latitude) times a constant except in the half cells at the poles; this
+    is cos(latitude) at the point itself, like earth2studio's `lat_weight`, and works on any grid (tiles,
+    curvilinear). A pole point weighs 0. Scores divide by the sum of the weights of the points they
+    average, so the normalisation matters only for the rank histogram: its weighted counts add up to the
+    number of valid points."""
+    weights = np.clip(np.cos(np.deg2rad(lat)), 0.0, None)
+    valid = mask.astype(bool)
+    if not np.isfinite(weights[valid]).all():
+        raise DataError(f"the data store {where} has valid points without a latitude; use --weights none")
+    total = weights[valid].mean() if valid.any() else 0.0
+    if not total > 0:
+        raise DataError(f"the valid points of {where} all lie on the poles (cos(lat) = 0); use --weights none")
+    return np.where(valid, weights / total, 0.0)
+
+
+def _check_statistics(inputs: Inputs) -> None:
+    if inputs.normalization not in ("global", "pixel", "pixel-dayofyear"):
+        raise UsageError(f"--units standardized: the data store {inputs.truth_path} has normalisation "
+                         f"{inputs.normalization!r}: its networks see the fields in physical units; use --units "
+                         "physical")
+    missing = [f for f in inputs.fields if f"stats_std_{f}" not in inputs.truth.variables]
+    if missing:
+        raise DataError(f"the data store {inputs.truth_path} lacks stats_std_ of {missing}; re-run `dyf prepare`, "
+                        "or use --units physical")
+
+
 # ----------------------------------------------------------------------------------------------- blocks
 
 @dataclass
@@ -195,9 +302,10 @@ class Block:
     persistence: np.ndarray  # (1, L, Y, X)
     climatology: np.ndarray  # (1, L, Y, X)
     mask: np.ndarray  # (Y, X) bool
+    scale: np.ndarray | None = None  # 1 / std, broadcastable to (L, Y, X), for standardized units
 
 
-def read_block(inputs: Inputs, field: str, series: int, init: int) -> Block:
+def read_block(inputs: Inputs, field: str, series: int, init: int, standardized: bool = False) -> Block:
     """One block of the forecast and the truth it is scored against (damaged chunks: DataError, exit 4)."""
     from dyfcli.forecast_store import FIX
     from dyfcli.chunks import read_errors
@@ -205,11 +313,10 @@ def read_block(inputs: Inputs, field: str, series: int, init: int) -> Block:
     leads = inputs.leads
     truth_series = inputs.series_index[series]
     with read_errors(inputs.forecast_path, f"{field!r} of series {series}, init {init}", FIX):
-        ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)[:, leads]
+        ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)
+    if leads.size < ensemble.shape[1]:  # a copy only where leads beyond the truth are dropped
+        ensemble = ensemble[:, leads]
     mask = inputs.mask[series]
-    if not np.isfinite(ensemble[..., mask]).all():
-        log.warning("the forecast has non-finite values at valid points of series %d, init %d: "
-                    "its scores will be NaN", series, init)
     truth_var = inputs.truth[field]
     times = inputs.time_index[init, leads]
     with read_errors(inputs.truth_path, f"{field!r} of series {truth_series} at the forecast's times"):
@@ -217,17 +324,32 @@ def read_block(inputs: Inputs, field: str, series: int, init: int) -> Block:
         x0 = np.asarray(truth_var[truth_series, int(inputs.init_index[init])].values, dtype=np.float32)
     persistence = np.broadcast_to(x0, truth.shape)[None]
     climatology = _climatology(inputs, field, truth_series, times, truth.shape)[None]
-    return Block(field, series, init, ensemble, truth, persistence, climatology, mask)
+    scale = _inverse_std(inputs, field, truth_series, times) if standardized else None
+    return Block(field, series, init, ensemble, truth, persistence, climatology, mask, scale)
 
 
 def _climatology(inputs: Inputs, field: str, truth_series: int, times: np.ndarray, shape) -> np.ndarray:
-    mean = inputs.truth[f"stats_mean_{field}"]
-    if inputs.normalization == "global":
-        return np.full(shape, float(mean.values), dtype=np.float32)
+    mean = _statistic(inputs, "mean", field, truth_series, times)
+    return np.array(np.broadcast_to(mean, shape), dtype=np.float32)
+
+
+def _statistic(inputs: Inputs, name: str, field: str, truth_series: int, times: np.ndarray) -> np.ndarray:
+    """`stats_<name>_<field>` at the series and valid times, broadcastable to (L, Y, X), float32: a scalar
+    (`global`), (Y, X) (`pixel`) or (L, Y, X) (`pixel-dayofyear`, the valid time's day of year)."""
+    stat = inputs.truth[f"stats_{name}_{field}"]
+    if inputs.normalization in ("global", "none"):  # none: raw-unit stores keep global statistics
+        return np.asarray(stat.values, dtype=np.float32)
     if inputs.normalization == "pixel":
-        return np.broadcast_to(np.asarray(mean[truth_series].values, dtype=np.float32), shape)
+        return np.asarray(stat.values[truth_series], dtype=np.float32)
     dayofyear = inputs.truth["time"][times].dt.dayofyear.values  # 1..366
-    return np.asarray(mean.values[dayofyear - 1, truth_series], dtype=np.float32)
+    return np.asarray(stat.values[dayofyear - 1, truth_series], dtype=np.float32)
+
+
+def _inverse_std(inputs: Inputs, field: str, truth_series: int, times: np.ndarray) -> np.ndarray:
+    """1 / std of the store's normalisation at the valid times (a zero std counts as 1, as the
+    normaliser the networks see does)."""
+    std = _statistic(inputs, "std", field, truth_series, times)
+    return (1.0 / np.where(std == 0, np.float32(1), std)).astype(np.float32)
 
 
 def lead_slices(members: int, leads: int, points: int) -> list[slice]:
@@ -242,71 +364,206 @@ def lead_slices(members: int, leads: int, points: int) -> list[slice]:
 SOURCES = ("forecast", *REFERENCES)
 
 
-def score(inputs: Inputs, seed: int = 0, keep_example: bool = False) -> tuple[dict, dict | None, dict]:
-    """Stream every block into accumulators. Returns (results[source][field], example block, stats)."""
+def score(inputs: Inputs, seed: int = 0, keep_example: bool = False,
+          options: ScoreOptions = ScoreOptions(), device: str = "cpu", ranks=None) -> tuple[dict, dict | None, dict]:
+    """Stream every block into accumulators. Returns (results[source][field or `all`], example block, stats).
+
+    `inputs.weights` (set by `resolve_options`) weights the points; `options.units` and `options.ssr` as in
+    the module docstring. `SCORE_WORKERS` threads read blocks and compute their point values ahead of the
+    main thread, which adds them to the accumulators in block order. `device` "cpu": numpy kernels; a CUDA
+    device: torch kernels there (torch.sort is fast on a GPU, 17x slower than np.sort on a CPU).
+
+    `ranks` (`runtime.Ranks`, under torchrun or srun): rank r scores blocks r, r + world, ...; rank 0
+    gathers every block's sums and adds them in block order, so its scores equal one process's bit for
+    bit; the other ranks return empty results (their summary is not printed)."""
     import time
 
     import torch
 
     from dyfcli.metrics import ScoreAccumulator
-    from dyfcli.runtime import progress
+    from dyfcli.runtime import Ranks, progress, tune_cpu_allocator
 
+    ranks = ranks or Ranks()
     torch.set_num_threads(SCORE_THREADS)
+    tune_cpu_allocator()  # the slices' working arrays are reused, not page-faulted in again per slice
     n_series, n_init = int(inputs.forecast.sizes["series"]), int(inputs.forecast.sizes["init"])
     members, n_leads = int(inputs.forecast.sizes["member"]), int(inputs.leads.size)
-    accumulators = {source: {field: ScoreAccumulator(n_leads, members if source == "forecast" else 1, seed=seed)
+    per_series = n_series if options.ssr == "per-series" else 0
+    accumulators = {source: {field: ScoreAccumulator(n_leads, members if source == "forecast" else 1, seed=seed,
+                                                     weighted=inputs.weights is not None, series=per_series)
                              for field in inputs.fields} for source in SOURCES}
     example = {} if keep_example else None
     n_bytes, start = 0, time.perf_counter()
-    with progress("evaluate", n_series * n_init, "blocks") as bar:
-        for series in range(n_series):
-            for init in range(n_init):
-                for field in inputs.fields:
-                    block = read_block(inputs, field, series, init)
-                    n_bytes += block.ensemble.nbytes
-                    _accumulate(accumulators, block, torch)
-                    if example is not None and series == 0 and init == 0:
-                        example[field] = block
+    keys = [(field, series, init) for series in range(n_series) for init in range(n_init) for field in inputs.fields]
+    standardized = options.units == "standardized"
+    with progress("evaluate", len(keys[ranks.rank::ranks.world]) // len(inputs.fields), "blocks") as bar:
+        mine = {}  # several ranks: {key number: sums} kept for rank 0; one process adds them at once
+        work = lambda key: _scored_block(inputs, *key, standardized, device)  # noqa: E731
+        for number, (block, parts) in zip(range(ranks.rank, len(keys), ranks.world),
+                                          _in_order(work, keys[ranks.rank::ranks.world], SCORE_WORKERS)):
+            n_bytes += block.ensemble.nbytes
+            if ranks.world == 1:
+                _accumulate(accumulators, block.field, block.series, parts)
+            else:
+                mine[number] = parts
+            if example is not None and block.series == 0 and block.init == 0:
+                example[block.field] = block
+            if block.field == inputs.fields[-1]:
                 bar.advance(1)
+    if ranks.world > 1:
+        every, n_bytes = _gather_on_first(ranks, mine, n_bytes)  # {key number: sums} of every rank, on rank 0
+        for number in sorted(every):  # block order, whichever rank scored it: the same sums in the same order
+            field, series, _ = keys[number]
+            _accumulate(accumulators, field, series, every[number])
+    if example is not None:  # rank 0 of several scored only some of the first blocks
+        example.update({field: read_block(inputs, field, 0, 0, standardized) for field in inputs.fields
+                        if field not in example})
     results = {source: {field: acc.result() for field, acc in per_field.items()}
                for source, per_field in accumulators.items()}
+    for source, per_field in accumulators.items():
+        results[source][ALL_FIELDS] = _pooled(per_field.values()).result()
     elapsed = time.perf_counter() - start
     stats = {"blocks": n_series * n_init, "bytes_read": n_bytes, "seconds": elapsed, "members": members}
     return results, example, stats
 
 
-def _accumulate(accumulators: dict, block: Block, torch) -> None:
-    """Feed one block to every source's accumulator, a slice of leads at a time.
+def _gather_on_first(ranks, mine: dict, n_bytes: int) -> tuple[dict, int]:
+    """Every rank's {key number: sums} and the bytes they read, merged on rank 0 (other ranks get ({}, 0))."""
+    import torch.distributed as dist
+
+    gathered = [None] * ranks.world if ranks.rank == 0 else None
+    dist.gather_object((mine, n_bytes), gathered, dst=0)
+    if ranks.rank != 0:
+        return {}, 0
+    return {number: parts for part, _ in gathered for number, parts in part.items()}, sum(b for _, b in gathered)
+
+
+def _in_order(work, keys: list, workers: int):
+    """`work(key)` for every key, yielded in the order of `keys`, computed by `workers` threads at most
+    `workers + 1` keys ahead (bounded memory). One worker or fewer: in this thread."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers <= 1:
+        yield from map(work, keys)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dyf-evaluate") as pool:
+        pending = deque()
+        for key in keys:
+            pending.append(pool.submit(work, key))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _pooled(accumulators):
+    """One accumulator holding the sums of all fields' (the `all` row)."""
+    from copy import deepcopy
+
+    accumulators = list(accumulators)
+    total = deepcopy(accumulators[0])
+    for other in accumulators[1:]:
+        total.merge(other)
+    return total
+
+
+def _scored_block(inputs: Inputs, field: str, series: int, init: int, standardized: bool,
+                  device: str = "cpu") -> tuple[Block, list[tuple[int, dict]]]:
+    """Read one block and compute what it adds to every source's accumulator: `(block, [(lead_start,
+    {source: metrics.SliceSums})])`, a slice of leads at a time. Runs in worker threads or on another rank:
+    it only reads and computes; the caller adds the sums in block order.
 
     Valid points: the store's mask and a finite truth (a day missing from the raw files is NaN there).
     """
+    from dyfcli.metrics import point_values, slice_sums
+
+    block = read_block(inputs, field, series, init, standardized)
     members, leads = block.ensemble.shape[:2]
+    weight = None if inputs.weights is None else inputs.weights[series]
+    sources = {"forecast": block.ensemble, "persistence": block.persistence, "climatology": block.climatology}
+    parts, finite = [], True
     for part in lead_slices(members, leads, int(block.mask.size)):
-        truth = _tensor(block.truth[part], torch)
-        mask = _tensor(block.mask[None] & np.isfinite(block.truth[part]), torch)
-        sources = {"forecast": block.ensemble, "persistence": block.persistence, "climatology": block.climatology}
-        for source, values in sources.items():
-            accumulators[source][block.field].update(_tensor(values[:, part], torch), truth, mask,
-                                                     lead_start=part.start)
+        truth = block.truth[part]
+        mask = block.mask[None] & np.isfinite(truth)
+        scale = None if block.scale is None else _lead_part(block.scale, part, truth.shape)
+        sums = {}
+        for source, array in sources.items():
+            values = point_values(*_on(device, array[:, part], truth))
+            if source == "forecast":
+                finite &= bool(np.isfinite(values.skill.reshape(mask.shape)[mask]).all())
+            sums[source] = slice_sums(values, truth.shape, mask, array.shape[0], weight=weight, scale=scale)
+        parts.append((part.start, sums))
+    if not finite:
+        log.warning("the forecast has non-finite values at valid points of %r, series %d, init %d: "
+                    "its scores will be NaN", field, series, init)
+    return block, parts
 
 
-def _tensor(array: np.ndarray, torch):
-    """A tensor sharing memory where numpy allows it (broadcast views are copied)."""
-    if not array.flags.writeable or not array.flags.c_contiguous:
-        array = np.array(array)
-    return torch.from_numpy(array)
+def _on(device: str, *arrays: np.ndarray) -> tuple:
+    """The arrays as they are for the CPU (numpy kernels), else as tensors on `device`."""
+    if device == "cpu":
+        return arrays
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True) for array in arrays)
+
+
+def _accumulate(accumulators: dict, field: str, series: int, parts: list[tuple[int, dict]]) -> None:
+    """Add one block's sums to every source's accumulator."""
+    for lead_start, sums in parts:
+        for source, part_sums in sums.items():
+            accumulators[source][field].add_sums(part_sums, lead_start, series=series)
+
+
+def _lead_part(scale: np.ndarray, part: slice, shape: tuple[int, ...]) -> np.ndarray:
+    """The leads `part` of a scale that is a scalar, (Y, X) or (L, Y, X), as (l, Y, X)."""
+    if scale.ndim == 3:
+        return scale[part]
+    return np.broadcast_to(scale, shape)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
 
 def scores_json(results: dict, fields: list[str]) -> dict:
     """{FIELD: {METRIC: {"per_lead": [...], "mean": x}}} for one source; NaN becomes None."""
-    from dyfcli.metrics import METRICS, lead_mean
+    from dyfcli.metrics import lead_mean
 
     return {field: {metric: {"per_lead": [_number(v) for v in results[field][metric].tolist()],
                              "mean": _number(lead_mean(results[field][metric]))}
-                    for metric in METRICS}
+                    for metric in scored_metrics(results[field])}
             for field in fields}
+
+
+def scored_metrics(result: dict) -> list[str]:
+    """METRICS, then `ssr_per_series` where it was asked for."""
+    from dyfcli.metrics import METRICS, SERIES_METRICS
+
+    return [*METRICS, *(metric for metric in SERIES_METRICS if metric in result)]
+
+
+def rank_histogram_json(result: dict) -> dict:
+    histogram = result["rank_histogram"]
+    return {"per_lead": histogram.tolist(), "total": histogram.sum(0).tolist()}
+
+
+def field_units(inputs: Inputs, options: ScoreOptions) -> dict[str, str]:
+    """The units the scores of each field (and `all`) are in: the field's `units`, "1" standardized; `all`
+    has the fields' common unit, "" when they differ."""
+    units = {field: "1" if options.units == "standardized" else str(inputs.truth[field].attrs.get("units", ""))
+             for field in inputs.fields}
+    distinct = set(units.values())
+    units[ALL_FIELDS] = distinct.pop() if len(distinct) == 1 else ""
+    return units
+
+
+def metric_units(metric: str, unit: str) -> str:
+    """CF units of a score of a field in `unit`: ratios "1", MSE the square (udunits syntax)."""
+    if metric.startswith("ssr") or unit in ("", "1"):
+        return "1" if metric.startswith("ssr") or unit == "1" else ""
+    if metric == "mse":
+        return f"({unit})^2" if " " in unit else f"{unit}^2"
+    return unit
 
 
 def _number(value: float) -> float | None:
@@ -328,27 +585,48 @@ def lead_axis(inputs: Inputs) -> tuple[list[float], list, str]:
     return leads, [float(v) for v in lead_time], ""
 
 
-def scores_dataset(results: dict, inputs: Inputs, attrs: dict):
-    """xarray Dataset: METRIC(source, field, lead), METRIC_lead_mean(source, field), rank_histogram."""
+def scores_dataset(results: dict, inputs: Inputs, attrs: dict, options: ScoreOptions):
+    """xarray Dataset: METRIC(source, field, lead), METRIC_lead_mean(source, field), rank_histogram(field,
+    lead, rank), points(field, lead); `field` runs over the fields and `all`; every score variable carries
+    CF `units` (where its fields share one; the coordinate `field_units` gives each field's)."""
     import xarray as xr
 
-    from dyfcli.metrics import METRICS, lead_mean
+    from dyfcli.metrics import lead_mean
 
     leads, lead_times, unit = lead_axis(inputs)
-    coords = {"source": list(SOURCES), "field": list(inputs.fields), "lead": leads,
-              "lead_time": ("lead", lead_times, {"units": unit})}
+    fields = [*inputs.fields, ALL_FIELDS]
+    units = field_units(inputs, options)
+    members = int(results["forecast"][ALL_FIELDS]["rank_histogram"].shape[1]) - 1
+    coords = {"source": list(SOURCES), "field": fields, "lead": leads,
+              "lead_time": ("lead", lead_times, {"units": unit}), "rank": ("rank", np.arange(members + 1),
+                                                                          {"long_name": "members below the truth"}),
+              "field_units": ("field", [units[f] for f in fields])}
     ds = xr.Dataset(coords=coords)
-    for metric in METRICS:
-        values = np.array([[results[s][f][metric].numpy() for f in inputs.fields] for s in SOURCES])
-        ds[metric] = (("source", "field", "lead"), values)
+    shared = units[ALL_FIELDS] if len({units[f] for f in inputs.fields}) == 1 else None
+    for metric in scored_metrics(results["forecast"][ALL_FIELDS]):
+        values = np.array([[results[s][f][metric].numpy() for f in fields] for s in SOURCES])
+        metric_attrs = _metric_attrs(metric, shared, options)
+        ds[metric] = (("source", "field", "lead"), values, metric_attrs)
         ds[f"{metric}_lead_mean"] = (("source", "field"),
-                                     np.array([[lead_mean(results[s][f][metric]) for f in inputs.fields]
-                                               for s in SOURCES]))
+                                     np.array([[lead_mean(results[s][f][metric]) for f in fields]
+                                               for s in SOURCES]), metric_attrs)
     ds["rank_histogram"] = (("field", "lead", "rank"),
-                            np.array([results["forecast"][f]["rank_histogram"].numpy() for f in inputs.fields]))
-    ds["points"] = (("field", "lead"), np.array([results["forecast"][f]["count"].numpy() for f in inputs.fields]))
+                            np.array([results["forecast"][f]["rank_histogram"].numpy() for f in fields]),
+                            {"units": "1", "weights": options.weights})
+    ds["points"] = (("field", "lead"), np.array([results["forecast"][f]["count"].numpy() for f in fields]),
+                    {"units": "1", "long_name": "valid points scored"})
     ds.attrs.update({key: str(value) for key, value in attrs.items()})
+    ds.attrs.update(dyf_weights=options.weights, dyf_units=options.units, dyf_ssr=options.ssr)
     return ds
+
+
+def _metric_attrs(metric: str, shared_unit: str | None, options: ScoreOptions) -> dict:
+    attrs = {"weights": options.weights, "scored_units": options.units}
+    if shared_unit is not None or metric.startswith("ssr"):
+        attrs["units"] = metric_units(metric, shared_unit or "")
+    else:
+        attrs["comment"] = "the fields have different units: see field_units"
+    return attrs
 
 
 def write_scores(ds, out: Path) -> None:
@@ -357,8 +635,10 @@ def write_scores(ds, out: Path) -> None:
     scores output is ever replaced (`outputs.move_into_place`)."""
     from dyfcli import outputs
 
+    from dyfcli.attrs import for_writing
+
     out = Path(out)
-    ds = ds.assign_attrs(dyf_format=outputs.SCORES_FORMAT)
+    ds = for_writing(ds.assign_attrs(dyf_format=outputs.SCORES_FORMAT))  # nested values as JSON strings
     if out.suffix == ".zarr":
         temporary = outputs.new_staging(outputs.staging_path(out))
         ds.to_zarr(temporary, mode="a")  # "w" would clear the staging marker
@@ -376,24 +656,31 @@ def write_scores(ds, out: Path) -> None:
     outputs.move_into_place(temporary, out, outputs.SCORES)
 
 
+CSV_EXTRA_COLUMNS = ("weights", "units", "unit")
+
+
 def _write_csv(ds, path: Path) -> None:
-    """Long format: source, field, lead, lead_time, metric, value (lead 'mean' for the lead average)."""
+    """Long format: source, field, lead, lead_time, metric, value (lead 'mean' for the lead average), then
+    weights (coslat|none), units (physical|standardized) and the value's unit."""
     import csv
 
     from dyfcli import outputs
-    from dyfcli.metrics import METRICS
 
+    weights, units = ds.attrs["dyf_weights"], ds.attrs["dyf_units"]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(outputs.SCORES_CSV_HEADER.split(","))  # the header `outputs` recognises dyf's CSV by
+        # the header starts with the columns `outputs` recognises dyf's CSV by
+        writer.writerow([*outputs.SCORES_CSV_HEADER.split(","), *CSV_EXTRA_COLUMNS])
         for source in ds["source"].values:
             for field in ds["field"].values:
-                for metric in METRICS:
+                field_unit = str(ds["field_units"].sel(field=field).values)
+                for metric in _scored_metrics(ds):
+                    tail = [weights, units, metric_units(metric, field_unit)]
                     row = ds[metric].sel(source=source, field=field).values
                     for lead, lead_time, value in zip(ds["lead"].values, ds["lead_time"].values, row):
-                        writer.writerow([source, field, f"{lead:g}", f"{lead_time:g}", metric, f"{value:.8g}"])
+                        writer.writerow([source, field, f"{lead:g}", f"{lead_time:g}", metric, f"{value:.8g}", *tail])
                     mean = ds[f"{metric}_lead_mean"].sel(source=source, field=field).values
-                    writer.writerow([source, field, "mean", "", metric, f"{float(mean):.8g}"])
+                    writer.writerow([source, field, "mean", "", metric, f"{float(mean):.8g}", *tail])
 
 
 def describe_scores(path: Path | str) -> dict:
@@ -401,6 +688,7 @@ def describe_scores(path: Path | str) -> dict:
     `dyf inspect`: what was scored and the lead-mean scores per source and field. DataError when `path` is
     not dyf's scores (recognised by `outputs.kind_at`, as `--overwrite` does)."""
     from dyfcli import outputs
+    from dyfcli.attrs import decode
     from dyfcli.chunks import read_errors
 
     path = Path(path)
@@ -419,15 +707,15 @@ def describe_scores(path: Path | str) -> dict:
                                                     for metric in _scored_metrics(ds)}
                                        for field in ds["field"].values}
                          for source in ds["source"].values}
-            attrs = {key: value for key, value in ds.attrs.items() if key != "dyf_format"}
+            attrs = {key: value for key, value in decode(ds.attrs).items() if key != "dyf_format"}
             leads = [float(lead) for lead in ds["lead"].values]
     return {"kind": "scores", "path": str(path), "attrs": attrs, "leads": leads, "lead_mean": lead_mean}
 
 
 def _scored_metrics(ds) -> list[str]:
-    from dyfcli.metrics import METRICS
+    from dyfcli.metrics import METRICS, SERIES_METRICS
 
-    return [metric for metric in METRICS if f"{metric}_lead_mean" in ds.variables]
+    return [metric for metric in (*METRICS, *SERIES_METRICS) if f"{metric}_lead_mean" in ds.variables]
 
 
 def _csv_scores(path: Path) -> dict:
@@ -492,37 +780,58 @@ def _claim_scores(out: Path | None, overwrite: bool, inputs: list):
 
 def evaluate(forecast_path: Path, truth_path: Path | None = None, out: Path | None = None,
              plots: Path | None = None, seed: int = 0, *, overwrite: bool = False,
-             allow_other_truth: bool = False) -> dict:
+             allow_other_truth: bool = False, options: ScoreOptions = ScoreOptions(), device: str = "cpu") -> dict:
     """Score `forecast_path` against its data store; write `out` (replacing only dyf scores, with
-    `overwrite`) and `plots` when given; return the summary."""
+    `overwrite`) and `plots` when given; return the summary. `device`: auto|cpu|cuda[:N] for the kernels."""
+    from dyfcli.runtime import resolve_device
+
+    from dyfcli.runtime import distributed
+
+    options.check()
+    device = str(resolve_device(device))
     given = [forecast_path, truth_path or _recorded_truth(Path(forecast_path))]
     check_outputs(out, plots, given)
-    with _claim_scores(out, overwrite, given):
-        return _evaluate(forecast_path, truth_path, out, plots, seed, allow_other_truth)
+    with distributed(backend="gloo") as ranks:  # gathers only: gloo, whatever the device
+        if not ranks.is_main:  # rank 0 alone writes
+            out = plots = None
+        with _claim_scores(out, overwrite, given):
+            summary = _evaluate(forecast_path, truth_path, out, plots, seed, allow_other_truth, options, device,
+                                ranks)
+    if ranks.world > 1:
+        summary.update(rank=ranks.rank, ranks=ranks.world)
+    return summary
 
 
 def _evaluate(forecast_path: Path, truth_path: Path | None, out: Path | None, plots: Path | None,
-              seed: int, allow_other_truth: bool = False) -> dict:
+              seed: int, allow_other_truth: bool = False, options: ScoreOptions = ScoreOptions(),
+              device: str = "cpu", ranks=None) -> dict:
     inputs = open_inputs(Path(forecast_path), Path(truth_path) if truth_path else None, allow_other_truth)
     check_outputs(out, plots, [inputs.truth_path])  # the data store the forecast names
-    results, example, stats = score(inputs, seed=seed, keep_example=plots is not None)
+    options = resolve_options(inputs, options)
+    results, example, stats = score(inputs, seed=seed, keep_example=plots is not None, options=options,
+                                    device=device, ranks=ranks)
     leads, lead_times, unit = lead_axis(inputs)
+    references = {source: scores_json(results[source], inputs.fields) for source in REFERENCES}
     summary = {
         "forecast": str(forecast_path), "truth": str(inputs.truth_path), "fields": inputs.fields,
         "members": stats["members"], "blocks": stats["blocks"], "leads": leads,
         "lead_time": lead_times, "lead_time_units": unit,
+        "weights": options.weights, "units": options.units, "ssr": options.ssr, "device": device,
+        "field_units": field_units(inputs, options),
         "scores": scores_json(results["forecast"], inputs.fields),
-        "baselines": {source: scores_json(results[source], inputs.fields) for source in REFERENCES},
-        "rank_histogram": {field: {"per_lead": results["forecast"][field]["rank_histogram"].tolist(),
-                                   "total": results["forecast"][field]["rank_histogram"].sum(0).tolist()}
-                           for field in inputs.fields},
+        "baselines": references,
+        "rank_histogram": {field: rank_histogram_json(results["forecast"][field]) for field in inputs.fields},
+        ALL_FIELDS: {"scores": scores_json(results["forecast"], [ALL_FIELDS])[ALL_FIELDS],
+                     "baselines": {source: scores_json(results[source], [ALL_FIELDS])[ALL_FIELDS]
+                                   for source in REFERENCES},
+                     "rank_histogram": rank_histogram_json(results["forecast"][ALL_FIELDS])},
         "throughput": {"seconds": round(stats["seconds"], 3), "bytes_read": stats["bytes_read"],
                        "gb_per_s": stats["bytes_read"] / 1e9 / max(stats["seconds"], 1e-9),
                        "blocks_per_s": stats["blocks"] / max(stats["seconds"], 1e-9)},
     }
     if out is not None:
         dataset = scores_dataset(results, inputs, {"forecast": forecast_path, "truth": inputs.truth_path,
-                                                   "members": stats["members"]})
+                                                   "members": stats["members"]}, options)
         write_scores(dataset, Path(out))
         summary["out"] = str(out)
     if plots is not None:

@@ -28,17 +28,24 @@ size, whatever `--member-batch`: members run in groups of at most CPU_GROUP (`me
 last one padded with copies of its last member. A member's numbers then do not depend on its row, so
 forecasts are bit-identical for any `--member-batch` (same machine and thread count). On CUDA,
 `--member-batch` sets the rows (cuDNN autotuning is per shape anyway): members agree to float32 rounding.
+
+Packing (`--pack N`): the members of N blocks are laid out block-major and cut into network batches
+(`pack_rows`), so small grids and big GPUs get full batches. A batch may hold rows of two blocks: each row
+carries its own member key, initial condition, condition, units and boundary. On CPU the batches keep the
+row count above (padding only at the end of a pack), so packing changes no bit; on CUDA they hold
+`--member-batch` x N rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,8 +54,8 @@ import numpy as np
 
 from dyfcli import forecast_store, outputs
 from dyfcli.errors import CheckpointError, DataError, Interrupted, UsageError
-from dyfcli.runtime import (Ranks, configure_device, cuda_speedups, distributed, launch_rank, resolve_device,
-                            stop_signals)
+from dyfcli.runtime import (COMPILE_MODES, Ranks, configure_device, cuda_speedups, distributed, launch_rank,
+                            resolve_device, stop_signals)
 from dyfcli.chunks import read_errors
 from dyfcli.store import store_id
 
@@ -91,6 +98,9 @@ class ForecastRequest:
     resume: bool = False
     bf16: bool = False
     compile: bool = False
+    perturbation_sigma: float | None = None  # overrides a Perturbation checkpoint's sigma
+    pack: int = 1  # blocks whose members share network batches (`forecast_blocks`)
+    compile_mode: str = "default"  # torch.compile mode with `compile` (runtime.COMPILE_MODES)
 
 
 def check_request(request: ForecastRequest) -> None:
@@ -104,8 +114,17 @@ def check_request(request: ForecastRequest) -> None:
         raise UsageError(f"--ensemble {request.ensemble}: at most {(1 << _MEMBER_BITS) - 1} members are supported")
     if request.member_batch is not None and request.member_batch < 1:
         raise UsageError(f"--member-batch {request.member_batch}: pass 1 or more (or leave it out for all members)")
+    if request.compile_mode not in COMPILE_MODES:
+        raise UsageError(f"--compile-mode {request.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if request.compile_mode != "default" and not request.compile:
+        raise UsageError(f"--compile-mode {request.compile_mode} needs --compile; add it or drop the mode")
+    if request.pack < 1:
+        raise UsageError(f"--pack {request.pack}: pass 1 or more blocks per network batch (1: one block at a time)")
     if request.overwrite and request.resume:
         raise UsageError("--overwrite and --resume contradict each other; pass only one")
+    if request.perturbation_sigma is not None and not (request.perturbation_sigma >= 0
+                                                       and math.isfinite(request.perturbation_sigma)):
+        raise UsageError(f"--perturbation-sigma {request.perturbation_sigma}: pass a finite number >= 0")
     if request.output_times is not None and not request.output_times:
         raise UsageError("--output-times is empty; give lead times such as 0.5,1,1.5 or leave it out")
     outputs.check_path(Path(request.out), folder=True)
@@ -320,6 +339,13 @@ class BlockInputs:
     `mask` `(Y, X)` bool, `valid_time` `(L_all,)` for every window time of every window (flattened
     window-major), `to_physical(x (N, C, Y, X), positions (N,)) / to_normalised(...)` convert units at
     the given positions into `valid_time`, `boundary` None or an object with `apply(x (B, L, C, Y, X), times (L,))`.
+    `calendar` `(W, K)`: the calendar channels (`data.calendar_features`) of each autoregressive window,
+    from the valid time of the state the window starts from (`window_start_times`), or None.
+
+    The model's condition is per batch row and per window: `condition(window, rows)` -> `(rows, C_cond, Y, X)`
+    (static fields, then the calendar channels of `window`, constant over the grid). A batch that packs
+    rows of several blocks concatenates each block's `condition(window, its rows)` along the batch, in
+    row order, for the window each row is at.
     """
 
     series_index: int
@@ -331,6 +357,17 @@ class BlockInputs:
     to_physical: Callable[[torch.Tensor, np.ndarray], torch.Tensor]
     to_normalised: Callable[[torch.Tensor, np.ndarray], torch.Tensor]
     boundary: object | None = None
+    calendar: torch.Tensor | None = None
+
+    def condition(self, window: int, rows: int) -> torch.Tensor:
+        """The model condition of autoregressive window `window` for `rows` batch rows: `(rows, C_cond, Y, X)`."""
+        import torch
+
+        condition = self.static_cond
+        if self.calendar is not None:
+            channels = self.calendar[window][:, None, None].expand(-1, *self.static_cond.shape[1:])
+            condition = torch.cat([condition, channels])
+        return condition.unsqueeze(0).expand(rows, *condition.shape)
 
 
 @dataclass
@@ -348,32 +385,64 @@ class Counter:
 
 def rollout(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, noise: MemberNoise,
             counter: Counter, calls_per_window: int, bf16: bool = False) -> torch.Tensor:
-    """Run `plan.windows` autoregressive windows for one batch of members; returns `(B, L, C, Y, X)` physical.
+    """`rollout_rows` for one batch of members of one block: `(B, L, C, Y, X)` physical units."""
+    return rollout_rows(model, sample_options, [(inputs, len(noise))], plan, noise, counter, calls_per_window, bf16)
 
-    Every member continues from its own x̂_h; boundary conditions are applied in physical units to
-    every window's output before it is fed back and before it is written. With `bf16` the sampler runs
-    under bfloat16 autocast; everything after it (units, boundaries, the next window's x0) is float32.
+
+def rollout_rows(model, sample_options: dict, parts: list[tuple[BlockInputs, int]], plan: LeadPlan,
+                 noise: MemberNoise, counter: Counter, calls_per_window: int, bf16: bool = False) -> torch.Tensor:
+    """Run `plan.windows` autoregressive windows for one batch; returns `(B, L, C, Y, X)` physical units.
+
+    The batch packs rows of one or more blocks: `parts` lists `(inputs, rows)` in row order (`rows`
+    consecutive batch rows start from that block's initial condition; their sum is `len(noise)`). Every
+    row continues from its own x̂_h; units and boundary conditions are applied per block, in physical
+    units, to every window's output before it is fed back and before it is written. With `bf16` the
+    sampler runs under bfloat16 autocast; everything after it (units, boundaries, the next x0) is float32.
     """
     import torch
 
-    batch = len(noise)
-    x0 = inputs.x0.unsqueeze(0).expand(batch, *inputs.x0.shape).contiguous()
-    static_cond = inputs.static_cond.unsqueeze(0).expand(batch, *inputs.static_cond.shape)
+    sizes = [rows for _, rows in parts]
+    assert sum(sizes) == len(noise), (sizes, len(noise))
+    x0 = torch.cat([inputs.x0.unsqueeze(0).expand(rows, *inputs.x0.shape) for inputs, rows in parts])
     per_window = len(plan.times_per_window)
     written = []
     for window in range(plan.windows):
+        condition = _joined([inputs.condition(window, rows) for inputs, rows in parts])
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model.sample_window(x0, static_cond, noise.fold(window), **sample_options).float()
+            # A model with `uses_window_index` (the Perturbation baseline perturbs window 0 only) gets `window=`.
+            at_window = {"window": window} if getattr(model, "uses_window_index", False) else {}
+            out = model.sample_window(x0, condition, noise.fold(window), **sample_options, **at_window).float()
         counter.window_done(calls_per_window)
         positions = np.arange(window * per_window, (window + 1) * per_window)
-        physical = _window_to_physical(out, inputs, positions)
+        physical = _per_block(out, parts, lambda piece, inputs: _window_to_physical(piece, inputs, positions))
         written.append(physical[:, list(plan.take[window])])
         if window + 1 < plan.windows:
-            last = physical[:, -1]
-            x0 = inputs.to_normalised(last, np.full(batch, positions[-1]))
-            x0 = torch.where(inputs.mask, x0, torch.zeros((), dtype=x0.dtype, device=x0.device))
+            x0 = _per_block(physical[:, -1], parts, lambda last, inputs: _masked(
+                inputs.to_normalised(last, np.full(len(last), positions[-1])), inputs.mask, 0.0))
     result = torch.cat(written, dim=1)
-    return torch.where(inputs.mask, result, torch.full((), float("nan"), dtype=result.dtype, device=result.device))
+    return _per_block(result, parts, lambda piece, inputs: _masked(piece, inputs.mask, float("nan")))
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of several blocks as one batch (no copy for one block)."""
+    import torch
+
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _per_block(x: torch.Tensor, parts: list[tuple[BlockInputs, int]], convert) -> torch.Tensor:
+    """`convert(rows of one block, its inputs)` for each block of a packed batch, joined in row order."""
+    if len(parts) == 1:
+        return convert(x, parts[0][0])
+    pieces = x.split([rows for _, rows in parts])
+    return _joined([convert(piece, inputs) for piece, (inputs, _) in zip(pieces, parts)])
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor, fill: float) -> torch.Tensor:
+    """`x` with `fill` where `mask` (Y, X) is False."""
+    import torch
+
+    return torch.where(mask, x, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
 def _window_to_physical(out: torch.Tensor, inputs: BlockInputs, positions: np.ndarray) -> torch.Tensor:
@@ -400,25 +469,96 @@ def member_groups(members: int, member_batch: int, device) -> tuple[list[range],
     return [range(first, min(first + member_batch, members)) for first in range(0, members, member_batch)], None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of a packed batch from one block: `block` (its index in the pack), its `members`
+    in order, then `padding` copies of the last of them (rows that only keep the call's row count fixed)."""
+
+    block: int
+    members: range
+    padding: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.members) + self.padding
+
+
+def call_rows(members: int, member_batch: int, pack: int, device) -> tuple[int, bool]:
+    """Rows of every network call for `pack` blocks of `members` at a time, and whether a short last call
+    is padded to that count.
+
+    CPU: the fixed row count of `member_groups` (at most CPU_GROUP, set by the ensemble size alone), padded:
+    the rows a member's numbers depend on do not change with `--pack` or `--member-batch`, so forecasts are
+    bit-identical whatever both are. Packing then fills every call with the members of consecutive blocks
+    (the padding of an ensemble that does not divide into calls is paid once per pack, not per block).
+    Elsewhere: `member_batch` members of each of `pack` blocks per call, not padded (a GPU's kernels agree to
+    float rounding across batch sizes)."""
+    if device.type == "cpu":
+        return member_groups(members, member_batch, device)[1], True
+    return min(member_batch, members) * pack, False
+
+
+def pack_rows(blocks: int, members: int, rows: int, padded: bool) -> list[list[Segment]]:
+    """The network batches of a pack: the rows `(block, member)`, block-major, cut into batches of `rows`;
+    with `padded` the last batch is filled up with copies of its last member."""
+    batches, current, filled = [], [], 0
+    for block in range(blocks):
+        first = 0
+        while first < members:
+            take = min(members - first, rows - filled)
+            current.append(Segment(block, range(first, first + take)))
+            first, filled = first + take, filled + take
+            if filled == rows:
+                batches.append(current)
+                current, filled = [], 0
+    if current:
+        if padded:
+            last = current[-1]
+            current[-1] = Segment(last.block, last.members, rows - filled)
+        batches.append(current)
+    return batches
+
+
 def forecast_block(model, sample_options: dict, inputs: BlockInputs, plan: LeadPlan, *, seed: int,
                    members: int, member_batch: int, device, counter: Counter, calls_per_window: int,
                    bf16: bool = False) -> np.ndarray:
-    """All members of one block, group by group (`member_groups`): `(M, L, C, Y, X)` float32 physical units."""
+    """All members of one block (`forecast_blocks` of a pack of one): `(M, L, C, Y, X)` float32 physical."""
+    return forecast_blocks(model, sample_options, [inputs], plan, seed=seed, members=members,
+                           member_batch=member_batch, device=device, counter=counter,
+                           calls_per_window=calls_per_window, bf16=bf16)[0]
+
+
+def forecast_blocks(model, sample_options: dict, pack: list[BlockInputs], plan: LeadPlan, *, seed: int,
+                    members: int, member_batch: int, device, counter: Counter, calls_per_window: int,
+                    bf16: bool = False) -> list[np.ndarray]:
+    """All members of the blocks of one pack, their rows packed into network batches (`call_rows`,
+    `pack_rows`): one `(M, L, C, Y, X)` float32 array in physical units per block, in order.
+
+    Row r of a batch draws from its member's own key (`member_ids`), so what a member gets does not depend
+    on the other rows: the same forecast whatever the packing."""
     import torch
 
     from dyfcli.noise import MemberNoise
 
-    groups, rows = member_groups(members, member_batch, device)
-    parts = []
-    for group in groups:
-        ids = member_ids(inputs.series_index, inputs.time_index, group)
-        padding = (rows or len(group)) - len(group)
-        ids = torch.cat([ids, ids[-1:].repeat(padding)])  # copies of the last member, dropped below
+    rows, padded = call_rows(members, member_batch, len(pack), device)
+    kept: list[list[torch.Tensor]] = [[] for _ in pack]
+    for batch in pack_rows(len(pack), members, rows, padded):
+        ids = torch.cat([_segment_ids(pack[segment.block], segment) for segment in batch])
         noise = MemberNoise.for_members(seed, ids.to(device))
+        parts = [(pack[segment.block], segment.rows) for segment in batch]
         with torch.inference_mode():  # no autograd bookkeeping at all: outputs only go to disk
-            out = rollout(model, sample_options, inputs, plan, noise, counter, calls_per_window, bf16)
-        parts.append(out[:len(group)].cpu())
-    return torch.cat(parts, dim=0).numpy()
+            out = rollout_rows(model, sample_options, parts, plan, noise, counter, calls_per_window, bf16)
+        for segment, piece in zip(batch, out.split([segment.rows for segment in batch])):
+            kept[segment.block].append(piece[:len(segment.members)].cpu())
+    return [torch.cat(pieces, dim=0).numpy() for pieces in kept]
+
+
+def _segment_ids(inputs: BlockInputs, segment: Segment) -> torch.Tensor:
+    """Member ids of a segment's rows, padding rows repeating the last member (dropped after the call)."""
+    import torch
+
+    ids = member_ids(inputs.series_index, inputs.time_index, segment.members)
+    return torch.cat([ids, ids[-1:].repeat(segment.padding)])
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -445,33 +585,61 @@ class Method:
     sample_options: dict = field(default_factory=dict)
     schedule: str | None = None
     bf16: bool = False
+    perturbation_sigma: float | None = None  # the Perturbation baseline's sigma in use (recorded in the store)
 
 
 def run_blocks(collaborators: Collaborators, writer, blocks: list[tuple[int, int]], init: InitialConditions,
                plan: LeadPlan, window_valid_time: np.ndarray, *, seed: int, members: int,
-               member_batch: int, stop_requested=lambda: False) -> Counter:
-    """Forecast and write `blocks` (pairs of positions into `init.series_indices`, `init.time_indices`)."""
+               member_batch: int, pack: int = 1, stop_requested=lambda: False) -> Counter:
+    """Forecast and write `blocks` (pairs of positions into `init.series_indices`, `init.time_indices`),
+    `pack` blocks at a time (`forecast_blocks`); a stop request is honoured after each pack is written.
+
+    The next pack's inputs are read on a helper thread while the current pack computes (`prefetched`):
+    on a small grid reading a block's initial condition costs a tenth of its network time, and network
+    calls release the GIL.
+    """
     from dyfcli.runtime import progress
 
     method = collaborators.method
     calls_per_window = _calls_per_window(method)
-    groups = len(member_groups(members, member_batch, collaborators.device)[0])
+    packs = [blocks[first:first + pack] for first in range(0, len(blocks), pack)]
+    batches = sum(len(pack_rows(len(part), members, *call_rows(members, member_batch, len(part),
+                                                                collaborators.device))) for part in packs)
     start = time.monotonic()
-    with progress("forecast", total=len(blocks) * groups * plan.windows, unit="window") as bar:
+    written = 0
+    with progress("forecast", total=batches * plan.windows, unit="window") as bar:
         counter = Counter(on_window=lambda: bar.advance(
             1, network_evals_per_s=counter.batched_calls / max(time.monotonic() - start, 1e-9)))
-        for written, (series_position, init_position) in enumerate(blocks, start=1):
-            series_index = init.series_indices[series_position]
-            time_index = init.time_indices[init_position]
-            inputs = collaborators.block_inputs(series_index, time_index, window_valid_time[init_position])
-            block = forecast_block(method.model, method.sample_options, inputs, plan, seed=seed, members=members,
-                                   member_batch=member_batch, device=collaborators.device, counter=counter,
-                                   calls_per_window=calls_per_window, bf16=method.bf16)
-            writer.write(series_position, init_position, block)
-            if stop_requested():
-                raise Interrupted(f"stopped by a signal after writing {written} blocks; re-run the same "
-                                  "`dyf forecast` command to continue")
+        def read(part: list[tuple[int, int]]) -> list[BlockInputs]:
+            return [collaborators.block_inputs(init.series_indices[series_position], init.time_indices[init_position],
+                                               window_valid_time[init_position])
+                    for series_position, init_position in part]
+
+        with contextlib.closing(prefetched(read, packs)) as pack_inputs:
+            for part, inputs in zip(packs, pack_inputs):
+                outputs = forecast_blocks(method.model, method.sample_options, inputs, plan, seed=seed,
+                                          members=members, member_batch=member_batch, device=collaborators.device,
+                                          counter=counter, calls_per_window=calls_per_window, bf16=method.bf16)
+                for (series_position, init_position), block in zip(part, outputs):
+                    writer.write(series_position, init_position, block)
+                written += len(part)
+                if stop_requested():
+                    raise Interrupted(f"stopped by a signal after writing {written} blocks; re-run the same "
+                                      "`dyf forecast` command to continue")
     return counter
+
+
+def prefetched(read: Callable, items: list) -> Iterator:
+    """`read(item)` for each item in order, the next one read on a helper thread while the caller works on
+    the current one (errors surface, in order, where the item is taken)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyf-block-reader") as pool:
+        pending = pool.submit(read, items[0]) if items else None
+        for position in range(len(items)):
+            current = pending.result()
+            pending = pool.submit(read, items[position + 1]) if position + 1 < len(items) else None
+            yield current
 
 
 def _calls_per_window(method: Method) -> int:
@@ -527,27 +695,77 @@ def load_method(checkpoint, device, steps: str | None) -> Method:
     return Method(checkpoint.kind, build_model_from_checkpoint(checkpoint, device), {}, schedule=None)
 
 
-def speed_up(method: Method, device, *, bf16: bool, compile: bool) -> Method:
-    """`--bf16` / `--compile` (`runtime.cuda_speedups`): compile the model's networks in place, run the
-    sampler under bf16 autocast; both on CUDA only."""
+def perturbation_sigma(method: Method, sigma: float | None) -> Method:
+    """`--perturbation-sigma`: the Perturbation baseline with another sigma (other methods refuse it). The
+    sigma in use (the flag's or the checkpoint's) is kept in `Method.perturbation_sigma`: the store records
+    it and a resume must repeat it."""
+    if sigma is None:
+        return dataclasses.replace(method, perturbation_sigma=getattr(method.model, "sigma", None)
+                                   if method.kind == "perturbation" else None)
+    if method.kind != "perturbation":
+        raise UsageError(f"--perturbation-sigma is for Perturbation checkpoints; this one is {method.kind!r} "
+                         "(drop the flag)")
+    return dataclasses.replace(method, model=method.model.with_sigma(sigma), perturbation_sigma=sigma)
+
+
+def speed_up(method: Method, device, *, bf16: bool, compile: bool, compile_mode: str = "default") -> Method:
+    """`--bf16` / `--compile` / `--compile-mode` (`runtime.cuda_speedups`): compile the model's networks in
+    place, run the sampler under bf16 autocast; all on CUDA only.
+
+    Compile modes that replay CUDA graphs write every call's outputs into the same static buffers, while
+    the sampler keeps earlier outputs (x̂_h, the interpolations of a cold update): on CUDA each network is
+    then wrapped (`graph_outputs`): a new graph step per call, and it hands back a copy.
+    """
     import torch
 
-    networks = [value for value in vars(method.model).values() if isinstance(value, torch.nn.Module)]
-    on = cuda_speedups(networks, device, bf16=bf16, compile=compile, action="forecasting in float32")
+    names = [name for name, value in vars(method.model).items() if isinstance(value, torch.nn.Module)]
+    networks = [getattr(method.model, name) for name in names]
+    on = cuda_speedups(networks, device, bf16=bf16, compile=compile, action="forecasting in float32",
+                       compile_mode=compile_mode)
+    if compile and device.type == "cuda" and compile_mode in CUDA_GRAPH_MODES:
+        for name, network in zip(names, networks):
+            setattr(method.model, name, graph_outputs(network))
     return dataclasses.replace(method, bf16=on)
+
+
+# torch.compile modes that replay CUDA graphs (runtime.COMPILE_MODES)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def graph_outputs(network):
+    """`network`, compiled to replay CUDA graphs, as a module whose outputs stay valid after its next call."""
+    import torch
+
+    class GraphOutputs(torch.nn.Module):
+        def __init__(self, network: torch.nn.Module):
+            super().__init__()
+            self.network = network
+
+        def forward(self, *args, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous call's buffers may be reused
+            return self.network(*args, **kwargs).clone()
+
+    return GraphOutputs(network)
 
 
 class StoreInputs:
     """Builds each block's `BlockInputs` from a data store: `inputs(series_index, time_index, valid_time)`.
 
     `valid_time` `(W * Lw,)` are the valid times of every window time (see `window_valid_times`); units
-    conversions look up the day of year there when the normaliser is `pixel-dayofyear`.
+    conversions look up the day of year there when the normaliser is `pixel-dayofyear`. With `calendar`
+    (the checkpoint's `data.calendar`), each window's calendar channels come from the valid time of the
+    state it starts from (`window_start_times`, `window_length` = Lw), as in training, where they come
+    from each window's first step.
     """
 
-    def __init__(self, store, normalizer, device):
+    def __init__(self, store, normalizer, device, calendar: tuple[str, ...] | list[str] = (),
+                 window_length: int | None = None):
         import zarr
 
         self.store, self.normalizer, self.device = store, normalizer, device
+        self.calendar, self.window_length = tuple(calendar), window_length
+        if self.calendar and window_length is None:
+            raise ValueError("calendar channels need the window length (times per window) to find window starts")
         # Raw Zarr reads (no Dask graph per block): one small slice per field and block.
         group = zarr.open_group(str(store.path), mode="r")
         self._arrays = [group[name] for name in store.fields]
@@ -573,7 +791,18 @@ class StoreInputs:
 
         return BlockInputs(series_index, time_index, x0, static_cond, mask, valid_time,
                            at_valid_times(self.normalizer.denormalize_at), at_valid_times(self.normalizer.normalize_at),
-                           boundary)
+                           boundary, self._calendar(time_index, valid_time))
+
+    def _calendar(self, time_index: int, valid_time: np.ndarray):
+        """`(W, K)` calendar channels of every window on the device, or None without `calendar`."""
+        import torch
+
+        from dyfcli.data import calendar_features
+
+        if not self.calendar:
+            return None
+        starts = window_start_times(self.store.ds["time"].values[time_index], valid_time, self.window_length)
+        return torch.from_numpy(calendar_features(starts, self.calendar)).to(self.device)
 
     def _series_inputs(self, series_index: int) -> tuple:
         """(mask (Y, X), static_cond (C_cond, Y, X), boundary or None) of one series, on the device, cached.
@@ -613,7 +842,16 @@ def forecast_layout(store, init: InitialConditions, plan: LeadPlan, members: int
         field_attrs={name: dict(ds[name].attrs) for name in store.fields},
         series=ds["series"].values[list(init.series_indices)],
         init_time=init.init_time, members=members, lead=plan.leads, lead_time=lead_time, valid_time=valid_time,
-        mask=ds["mask"].isel(series=list(init.series_indices)).load(), identity=identity, attrs=attrs)
+        mask=ds["mask"].isel(series=list(init.series_indices)).load(), identity=identity, attrs=attrs,
+        time_units=ds["time"].attrs.get("units"))
+
+
+def window_start_times(init_time, valid_time: np.ndarray, window_length: int) -> np.ndarray:
+    """`(W,)` valid time of the state each autoregressive window starts from: the initial time, then the
+    valid time of the previous window's last output (every window ends at the model's horizon, its
+    output seeds the next). `valid_time` `(W * window_length,)` is one row of `window_valid_times`."""
+    return np.concatenate([np.asarray([init_time]).astype(valid_time.dtype),
+                           valid_time[window_length - 1:-1:window_length]])
 
 
 def window_valid_times(store, init: InitialConditions, plan: LeadPlan) -> np.ndarray:
@@ -703,17 +941,27 @@ def _run_forecast(request: ForecastRequest) -> dict:
     with distributed(backend="gloo") as ranks:  # barriers and flags only: gloo, whatever the device
         done = prepare_output(job.out, job.layout, overwrite=request.overwrite, resume=request.resume, ranks=ranks)
         mine = blocks_for_rank(_pending_blocks(job.out, done), ranks)
-        # Blocks are written on a background thread while the next ones are computed.
+        if request.pack > 1 and job.collaborators.device.type == "cpu":
+            log.info("--pack %d on CPU: network calls keep %d rows (set by --ensemble alone, so the forecast is "
+                     "bit-identical whatever --pack), filled with the members of consecutive blocks",
+                     request.pack, _rows_per_call(request, job.collaborators.device))
+        # Blocks are written on a background thread while the next ones are computed; a whole pack (and one
+        # more block, as slack when the writer falls behind for a moment) is handed over without waiting.
         with stop_signals("stopping after the current block") as stop_requested, \
-                forecast_store.BackgroundWriter(forecast_store.BlockWriter(job.out)) as writer:
+                forecast_store.BackgroundWriter(forecast_store.BlockWriter(job.out), depth=request.pack + 1) as writer:
             counter = run_blocks(job.collaborators, writer, mine, job.init, job.plan,
                                  job.window_valid_time, seed=request.seed, members=request.ensemble,
-                                 member_batch=request.member_batch or request.ensemble,
+                                 member_batch=request.member_batch or request.ensemble, pack=request.pack,
                                  stop_requested=stop_requested)
         ranks.barrier()  # every block is written before rank 0 checks them all
         if ranks.is_main:
             forecast_store.mark_complete(job.out)
     return _summary(request, job, done, len(mine), counter, time.monotonic() - started, ranks)
+
+
+def _rows_per_call(request: ForecastRequest, device) -> int:
+    """Batch rows of the network calls (`call_rows`)."""
+    return call_rows(request.ensemble, request.member_batch or request.ensemble, request.pack, device)[0]
 
 
 def _pending_blocks(out: Path, done: np.ndarray) -> list[tuple[int, int]]:
@@ -727,7 +975,8 @@ def _summary(request: ForecastRequest, job: ForecastJob, done: np.ndarray, writt
     return {"out": str(job.out), "blocks": int(done.size), "blocks_written": written,
             "blocks_resumed": int(done.sum()), "members": request.ensemble, "leads": len(job.plan.leads),
             "windows": job.plan.windows, "network_calls_per_member": job.calls["per_member"],
-            "batched_network_calls": counter.batched_calls, "seconds": round(seconds, 3),
+            "batched_network_calls": counter.batched_calls, "pack": request.pack,
+            "rows_per_call": _rows_per_call(request, job.collaborators.device), "seconds": round(seconds, 3),
             "network_evals_per_s": round(counter.batched_calls / seconds, 3) if seconds > 0 else None,
             "device": str(job.collaborators.device), "checkpoint_sha256": job.checkpoint_sha256,
             "rank": ranks.rank, "world_size": ranks.world}
@@ -748,7 +997,8 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     device = resolve_device(request.device)
     configure_device(device)
     method = speed_up(load_method(checkpoint, device, request.steps), device, bf16=request.bf16,
-                      compile=request.compile)
+                      compile=request.compile, compile_mode=request.compile_mode)
+    method = perturbation_sigma(method, request.perturbation_sigma)
     plan = plan_leads(request.horizon, method.model.horizon, request.output_times)
     if plan.window_times is not None:
         method = dataclasses.replace(method, sample_options={**method.sample_options,
@@ -758,7 +1008,8 @@ def prepare_job(request: ForecastRequest) -> ForecastJob:
     identity = _identity(request, store, init, method, plan, sha)
     attrs = _store_attrs(request, checkpoint, store, method, calls, plan, sha)
     normalizer = Normalizer.from_state(checkpoint.normalizer)
-    collaborators = Collaborators(method, StoreInputs(store, normalizer, device), device)
+    inputs = StoreInputs(store, normalizer, device, checkpoint.calendar, len(plan.times_per_window))
+    collaborators = Collaborators(method, inputs, device)
     return ForecastJob(Path(request.out).absolute(), collaborators, init, plan,
                        forecast_layout(store, init, plan, request.ensemble, identity, attrs),
                        window_valid_times(store, init, plan), calls, sha)
@@ -769,6 +1020,7 @@ def _identity(request: ForecastRequest, store, init: InitialConditions, method: 
     """The options a resume must repeat: a store made with other ones is a different forecast."""
     return {"checkpoint_sha256": sha, "seed": request.seed, "horizon": request.horizon,
             "ensemble": request.ensemble, "schedule": method.schedule, "precision": _precision(method),
+            **({"perturbation_sigma": method.perturbation_sigma} if method.perturbation_sigma is not None else {}),
             "output_times": list(plan.window_times or []), "split": request.split,
             "truth": str(Path(store.path).resolve()),
             "series": [str(s) for s in store.ds["series"].values[list(init.series_indices)]],
@@ -817,6 +1069,7 @@ def _store_attrs(request: ForecastRequest, checkpoint, store, method: Method, ca
         "dyf_model_horizon": plan.model_horizon,
         "dyf_schedule": method.schedule,
         "dyf_precision": _precision(method),
+        **({"dyf_perturbation_sigma": method.perturbation_sigma} if method.perturbation_sigma is not None else {}),
         "dyf_output_times": list(plan.window_times or []),
         "dyf_network_calls": calls,
         "dyf_time_step": store.ds.attrs.get("dyf_time_step"),

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dyfcli import __version__, outputs
+from dyfcli.attrs import decode, decoded, encode, for_writing
 from dyfcli.errors import DataError
 from dyfcli.runtime import fault_point
 from dyfcli.chunks import (check_chunks, checksummed, load_small_arrays, missing_chunks, open_array, read_errors,
@@ -50,7 +51,8 @@ class ForecastLayout:
 
     `mask` is an xr.DataArray `(series, y, x)` taken from the data store (its `y`, `x`, `lat`, `lon`
     coordinates are copied); `lead` is in data time steps `(L,)`; `lead_time` is `(L,)` (timedelta64 or
-    float); `valid_time` is `(I, L)`; `identity` holds the options a resume must repeat exactly.
+    float); `valid_time` is `(I, L)`; `identity` holds the options a resume must repeat exactly;
+    `time_units` are the data store's time units when its times are numbers (simulations: `s`).
     """
 
     fields: list[str]
@@ -64,6 +66,7 @@ class ForecastLayout:
     mask: object  # xr.DataArray (series, y, x)
     identity: dict
     attrs: dict
+    time_units: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -86,8 +89,9 @@ def _dataset(layout: ForecastLayout):
     }
     for name in ("y", "x", "lat", "lon"):
         if name in mask.coords:
-            coords[name] = (mask[name].dims, mask[name].values)
+            coords[name] = (mask[name].dims, mask[name].values, dict(mask[name].attrs))
     ds = xr.Dataset(coords=coords)
+    _coordinate_attrs(ds, layout)
     shape = (n_series, n_init, layout.members, n_lead, ny, nx)
     chunks = (1, 1, layout.members, n_lead, ny, nx)
     for name in layout.fields:
@@ -107,6 +111,26 @@ def _dataset(layout: ForecastLayout):
         "dyf_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     return ds, chunks
+
+
+def _coordinate_attrs(ds, layout: ForecastLayout) -> None:
+    """CF attributes of the coordinates only this module knows the meaning of (`attrs.for_writing` adds
+    the generic ones when the store is written): numeric times take the data store's time units."""
+    ds["member"].attrs.update(long_name="ensemble member")
+    ds["lead"].attrs.update(long_name="lead time in data time steps", units="1")
+    ds["init_time"].attrs.update(long_name="time of the initial condition")
+    ds["valid_time"].attrs.update(long_name="time the forecast is valid for")
+    lead_time = ds["lead_time"]
+    if np.issubdtype(lead_time.dtype, np.timedelta64):
+        return
+    if np.issubdtype(ds["init_time"].dtype, np.datetime64):  # calendar steps (months): counts of steps
+        step = layout.attrs.get("dyf_time_step")
+        lead_time.attrs.update(units="1", long_name=f"forecast lead time in steps of {step}")
+        return
+    units = layout.time_units or "1"
+    for name in ("init_time", "valid_time"):
+        ds[name].attrs["units"] = units
+    lead_time.attrs["units"] = units.split(" since ")[0]
 
 
 def create(path: Path, layout: ForecastLayout) -> None:
@@ -132,7 +156,7 @@ def _write_schema(path: Path, layout: ForecastLayout) -> None:
     encoding = checksummed(ds, encoding)  # crc32c on every chunk, every chunk written (store.py, integrity)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
-        ds.to_zarr(path, mode="a", compute=False, encoding=encoding, consolidated=True)
+        for_writing(ds).to_zarr(path, mode="a", compute=False, encoding=encoding, consolidated=True)
 
 
 class BlockWriter:
@@ -144,7 +168,7 @@ class BlockWriter:
         self.path = Path(path)
         with read_errors(self.path, "its metadata", FIX):
             self._group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
-            self.fields = list(self._group.attrs["dyf_fields"])
+            self.fields = list(decode(self._group.attrs.asdict())["dyf_fields"])
 
     def done(self) -> np.ndarray:
         """`(series, init)` bool: which blocks are already written.
@@ -229,7 +253,7 @@ def read_attrs(path: Path) -> dict | None:
     import zarr
 
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        attrs = decode(zarr.open_group(str(path), mode="r").attrs.asdict())
     except Exception:  # noqa: BLE001 - anything unreadable is "not a forecast store"
         return None
     return attrs if attrs.get("dyf_format") == FORMAT else None
@@ -293,8 +317,8 @@ def mark_complete(path: Path, extra_attrs: dict | None = None) -> None:
     if not done.all():
         raise DataError(f"{path}: {int((~done).sum())} of {done.size} blocks are not written; "
                         "re-run the same `dyf forecast` command to write them")
-    group.attrs.update({**jsonable(extra_attrs or {}), "dyf_complete": True,
-                        "dyf_completed": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    group.attrs.update(encode({**decode(group.attrs.asdict()), **(extra_attrs or {}), "dyf_complete": True,
+                               "dyf_completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
         zarr.consolidate_metadata(str(path))
@@ -338,6 +362,7 @@ def _open_dataset(path: Path, check: bool = True):
     except Exception as err:  # noqa: BLE001 - zarr raises many types for a broken store
         raise DataError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}); "
                         "re-create it with `dyf forecast`") from None
+    decoded(ds)  # JSON-encoded attributes back to values (stores before that: unchanged)
     if ds.attrs.get("dyf_format") != FORMAT:
         raise DataError(f"{path} is not a dyf forecast store (dyf_format={ds.attrs.get('dyf_format')!r}); "
                         "create one with `dyf forecast`")

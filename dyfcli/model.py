@@ -20,6 +20,8 @@ trained model from a forecaster checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +33,10 @@ from torch import nn
 from dyfcli import dyffusion
 from dyfcli.dyffusion import ForecasterLoss, NetworkCalls, Schedule
 from dyfcli.errors import CheckpointError, ConfigError
-from dyfcli.networks import build_network, mc_dropout
+from dyfcli.networks import build_network, mc_dropout, supports_periodic_x
 from dyfcli.noise import MemberNoise
+
+log = logging.getLogger("dyf")
 
 TIME_ENCODINGS = ("dynamics", "discrete", "normalized")
 
@@ -114,6 +118,38 @@ def build_forecaster(config: Any, num_fields: int, num_conditions: int) -> nn.Mo
     return build_network(network.kind, **channels, **network.build_arguments())
 
 
+def periodic_networks(config: Any, periodic: bool, sections: tuple[str, ...]) -> Any:
+    """`config` (a `config.RunConfig`) with `periodic_x: true` added to `<section>.network.hyper` for each
+    of `sections` (`interpolator`, `forecaster`) that leaves it unset, when the store's x axis is periodic.
+
+    Written into the config, the choice travels with the checkpoint (the network config), so `forecast`
+    rebuilds the same network. Every choice is logged: the addition, a network kind that cannot wrap
+    (`networks.supports_periodic_x`), and an explicit `periodic_x` that disagrees with the store (kept:
+    the user asked for it).
+    """
+    for section in sections:
+        stage = getattr(config, section)
+        network = stage.network
+        given = network.hyper.get("periodic_x")
+        if given is not None:
+            if bool(given) != periodic:
+                log.warning("%s.network.hyper.periodic_x is %s although the store's x axis is %s; kept as set",
+                            section, bool(given), "periodic (360 degrees)" if periodic else "not periodic")
+            continue
+        if not periodic:
+            continue
+        if not supports_periodic_x(network.kind):
+            log.warning("the store's longitudes span 360 degrees, but a %s network cannot pad x circularly: "
+                        "the 0/360 seam stays an edge for %s.network (choose unet or cnn to wrap it)",
+                        network.kind, section)
+            continue
+        network = dataclasses.replace(network, hyper={**network.hyper, "periodic_x": True})
+        config = dataclasses.replace(config, **{section: dataclasses.replace(stage, network=network)})
+        log.info("the store's longitudes span 360 degrees: the %s pads x circularly "
+                 "(%s.network.hyper.periodic_x: true)", section, section)
+    return config
+
+
 def load_weights(network: nn.Module, checkpoint: Any) -> None:
     """Load a `checkpoint.Checkpoint`'s `state_dict` into `network`; CheckpointError when they do not fit."""
     try:
@@ -135,7 +171,7 @@ def dyffusion_from_checkpoint(checkpoint: Any, device: torch.device | str) -> DY
     inner = checkpoint.interpolator
     if inner is None:
         raise CheckpointError("the forecaster checkpoint embeds no interpolator; it is damaged, re-train it")
-    fields, conditions = len(checkpoint.fields), len(checkpoint.cond_names)
+    fields, conditions = len(checkpoint.fields), checkpoint.condition_channels
     try:
         config = config_from_dict(checkpoint.config, "the checkpoint's config")
         inner_config = config_from_dict(inner.config, "the embedded interpolator's config")

@@ -12,6 +12,14 @@ Kinds (parameter counts at the paper's settings match the reference implementati
 - `"cnn"`: the spring-mesh `SimpleConvNet` (dim 64, kernels 9-7-5-3 with same padding, residual when
   channels match, 1x1 head). Input `[x, cond]`; works on any grid.
 
+Periodic longitude: `unet` and `cnn` take `periodic_x=True` (a store whose x axis spans 360 degrees,
+`DataStore.periodic_x`). Then every convolution with spatial padding pads x circularly (y keeps zero
+padding: the poles are kept as rows, not wrapped), and the `unet` pads x to its multiple by wrapping
+around, so the networks see no edge at the 0/360 seam: shifting the input circularly along x by a multiple
+of the coarsest stride (`2**(levels-1)` for `unet`, 1 for `cnn`) shifts the output by the same amount.
+`unet-ns` resamples bilinearly and reads out with a transposed convolution, neither of which wraps, so it
+has no `periodic_x` (`supports_periodic_x`).
+
 Every network is called as `net(x (B, Cin, Y, X), time (B,) or None, cond (B, Ccond, Y, X) or None)` and
 returns `(B, Cout, Y, X)`. `time` is the raw (unnormalised, possibly fractional) interpolation time or
 diffusion step; it feeds `SinusoidalEmbedding(dim)` -> Linear(dim, 2dim) -> GELU -> Linear(2dim, 2dim), and
@@ -325,14 +333,14 @@ class Unet(nn.Module):
                  dim: int = 64, dim_mults: Sequence[int] = (1, 2, 4), groups: int = 8,
                  block_dropout: float = 0.0, block_dropout1: float = 0.0, attn_dropout: float = 0.0,
                  attn_heads: int = 4, attn_dim_head: int = 32, init_kernel_size: int = 7,
-                 pad_mode: str = "replicate"):
+                 pad_mode: str = "replicate", periodic_x: bool = False):
         super().__init__()
         if pad_mode not in ("replicate", "zeros"):
             raise ValueError(f"pad_mode must be 'replicate' or 'zeros', got {pad_mode!r}")
         if not dim_mults or init_kernel_size % 2 == 0:
             raise ValueError("unet needs at least one dim_mult and an odd init_kernel_size")
         self.in_channels, self.cond_channels, self.out_channels = in_channels, cond_channels, out_channels
-        self.pad_mode = pad_mode
+        self.pad_mode, self.periodic_x = pad_mode, bool(periodic_x)
         self.multiple = 2 ** (len(dim_mults) - 1)
         time_dim = 2 * dim if with_time else None
         self.time_embedding = _time_embedding(dim) if with_time else None
@@ -366,6 +374,8 @@ class Unet(nn.Module):
         self.final_block = block(2 * dim, dim)
         self.final_conv = nn.Conv2d(dim, out_channels, 1)
         _number_dropout_layers(self)
+        if self.periodic_x:
+            wrap_x_padding(self)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor | float | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -391,8 +401,10 @@ class Unet(nn.Module):
         return x[..., :height, :width]
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad bottom/right so each downsampling halves the grid exactly."""
+        """Pad bottom/right so each downsampling halves the grid exactly (x wraps around when periodic)."""
         pad_y, pad_x = -x.shape[-2] % self.multiple, -x.shape[-1] % self.multiple
+        if self.periodic_x and pad_x:
+            x, pad_x = F.pad(x, (0, pad_x, 0, 0), mode="circular"), 0
         if not (pad_y or pad_x):
             return x
         if self.pad_mode == "zeros":
@@ -516,7 +528,7 @@ class SimpleConvNet(nn.Module):
 
     def __init__(self, *, in_channels: int, cond_channels: int, out_channels: int, with_time: bool,
                  dim: int = 64, kernel_sizes: Sequence[int] = (9, 7, 5, 3), dropout: float = 0.0,
-                 residual: bool = True):
+                 residual: bool = True, periodic_x: bool = False):
         super().__init__()
         if not kernel_sizes or any(k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"cnn kernel_sizes must be odd (same padding), got {list(kernel_sizes)}")
@@ -529,6 +541,8 @@ class SimpleConvNet(nn.Module):
             for cin, k in zip(widths[:-1], kernel_sizes))
         self.head = nn.Conv2d(dim, out_channels, 1)
         _number_dropout_layers(self)
+        if periodic_x:
+            wrap_x_padding(self)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor | float | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -538,6 +552,37 @@ class SimpleConvNet(nn.Module):
         for block in self.blocks:
             x = block(x, t)
         return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Periodic longitude
+# --------------------------------------------------------------------------------------------------------
+
+
+def wrap_x_padding(net: nn.Module) -> nn.Module:
+    """Make every padded `nn.Conv2d` of `net` pad x circularly (y keeps its zero padding); returns `net`.
+
+    Done after construction on every convolution at once, so no padded convolution of a network can be
+    missed. The conv's own x padding is set to 0 and a forward pre-hook wraps `padding[1]` columns from
+    the other side around the input first; weights and parameter names are unchanged.
+    """
+    for conv in net.modules():
+        if isinstance(conv, nn.Conv2d) and not isinstance(conv.padding, str) and conv.padding[1] > 0:
+            if conv.padding_mode != "zeros":
+                raise ValueError(f"cannot wrap the x padding of a conv with padding_mode={conv.padding_mode!r}")
+            conv.wrap_x = conv.padding[1]
+            conv.padding = (conv.padding[0], 0)
+            conv.register_forward_pre_hook(_pad_x_circularly)
+    return net
+
+
+def _pad_x_circularly(conv: nn.Conv2d, inputs: tuple) -> tuple:
+    return (F.pad(inputs[0], (conv.wrap_x, conv.wrap_x, 0, 0), mode="circular"), *inputs[1:])
+
+
+def supports_periodic_x(kind: str) -> bool:
+    """Whether networks of `kind` can be built with `periodic_x=True`."""
+    return "periodic_x" in hyperparameters(kind)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Rules every writing command follows (through `claim_output`):
   removed again (while empty) when the command fails, so a refused command leaves nothing behind.
 - An existing output is replaced only with `--overwrite` (or continued with `--resume`), and only when it
   is an artefact of the same kind that dyf wrote, recognised by its own metadata (`kind_at`): a data
-  store or forecast store by the `dyf_format` attribute of its `zarr.json`, a scores file by its
+  store, forecast store or WeatherBench-2 export by the `dyf_format` attribute of its `zarr.json`, a scores file by its
   `dyf_format = "dyf-scores"` attribute (NetCDF, Zarr) or dyf's exact CSV header, a checkpoint or
   training state by the `format` key `torch.load(weights_only=True)` returns, a run folder by holding
   nothing but dyf's `config.yaml` and `metrics.jsonl`. Anything else is a UsageError naming it.
@@ -49,18 +49,20 @@ CHECKPOINT = "checkpoint"
 TRAINING_STATE = "training-state"
 RUN_FOLDER = "run-folder"
 STAGING = "staging"
+EXPORT = "wb2-export"
 
 # dyf_format attribute (Zarr, NetCDF) or checkpoint `format` key -> kind
 _FORMATS = {"dyf-data-store": DATA_STORE, "dyf-forecast": FORECAST, "dyf-scores": SCORES,
-            "dyf-checkpoint": CHECKPOINT, "dyf-training-state": TRAINING_STATE}
+            "dyf-checkpoint": CHECKPOINT, "dyf-training-state": TRAINING_STATE, "dyf-wb2-export": EXPORT}
 SCORES_FORMAT = "dyf-scores"
 SCORES_CSV_HEADER = "source,field,lead,lead_time,metric,value"
 STAGING_MARKER = ".dyf-staging"
 RUN_FILES = frozenset({"config.yaml", "metrics.jsonl"})
-FOLDER_KINDS = (DATA_STORE, FORECAST, RUN_FOLDER, STAGING)
+FOLDER_KINDS = (DATA_STORE, FORECAST, RUN_FOLDER, STAGING, EXPORT)
 _DESCRIPTIONS = {DATA_STORE: "dyf data store", FORECAST: "dyf forecast store", SCORES: "dyf scores file",
                  CHECKPOINT: "dyf checkpoint", TRAINING_STATE: "dyf training state",
-                 RUN_FOLDER: "dyf run folder (config.yaml, metrics.jsonl)", STAGING: "dyf staging folder"}
+                 RUN_FOLDER: "dyf run folder (config.yaml, metrics.jsonl)", STAGING: "dyf staging folder",
+                 EXPORT: "dyf WeatherBench-2 export"}
 _HEX8 = "[0-9a-f]{8}"
 _SIGNATURE_BYTES = 1 << 20  # the pickle holding `format` comes first in a torch file
 
@@ -81,7 +83,7 @@ def kind_at(path: Path | str) -> str | None:
     if path.is_dir():
         return _folder_kind(path)
     if path.suffix == ".csv":
-        return SCORES if _first_line(path) == SCORES_CSV_HEADER else None
+        return SCORES if _first_line(path).startswith(SCORES_CSV_HEADER) else None  # + weights,units,unit
     if path.suffix == ".nc":
         return _netcdf_kind(path)
     return _torch_kind(path)
@@ -220,7 +222,7 @@ def companions(out: Path, kind: str) -> dict[Path, str]:
     out = Path(out)
     if kind == CHECKPOINT:
         return {out.with_name(out.name + ".state.pt"): TRAINING_STATE, out.with_name(out.name + ".run"): RUN_FOLDER}
-    if kind in (DATA_STORE, FORECAST) or out.suffix == ".zarr":
+    if kind in (DATA_STORE, FORECAST, EXPORT) or out.suffix == ".zarr":
         return {staging_path(out): STAGING}
     return {}
 
@@ -245,7 +247,7 @@ def check_existing(out: Path, kind: str, *, overwrite: bool, resume: bool = Fals
 def _is_own(path: Path, kind: str) -> bool:
     found = kind_at(path)
     if kind == STAGING:  # an interrupted job's staging: marked, finished but not renamed, or empty
-        return found in (STAGING, DATA_STORE, FORECAST, SCORES) or _empty_folder(path)
+        return found in (STAGING, DATA_STORE, FORECAST, SCORES, EXPORT) or _empty_folder(path)
     return found == kind or (kind == RUN_FOLDER and _empty_folder(path))
 
 

@@ -44,7 +44,8 @@ def write_all(folder: Path, summary: dict, example: dict | None, units: dict[str
     written = []
     for field in summary["fields"]:
         unit = units.get(field, "")
-        written.append(plot_scores(folder / f"scores_{field}.png", summary, field, unit))
+        score_unit = summary.get("field_units", {}).get(field, unit)  # "1" for standardized scores
+        written.append(plot_scores(folder / f"scores_{field}.png", summary, field, score_unit))
         written.append(plot_rank_histogram(folder / f"rank_histogram_{field}.png", summary, field))
         if example and field in example:
             block = example[field]
@@ -52,6 +53,13 @@ def write_all(folder: Path, summary: dict, example: dict | None, units: dict[str
             written.append(plot_maps(folder / f"maps_{field}.png", block, field, unit, lead_label, geo or {}))
             written.append(animate_rollout(folder / f"rollout_{field}", block, field, unit, summary, geo or {}))
     return written
+
+
+def _options_label(summary: dict) -> str:
+    """How the scores were made (area weights, units), for figure titles."""
+    if "weights" not in summary:
+        return ""
+    return f" (weights {summary['weights']}, {summary.get('units', 'physical')} units)"
 
 
 def _lead_label(summary: dict, index: int) -> str:
@@ -104,7 +112,7 @@ def plot_scores(path: Path, summary: dict, field: str, unit: str) -> Path:
         axis.set_ylabel(metric if metric == "ssr" else f"{metric} [{unit}]" if unit else metric)
         axis.grid(alpha=0.3)
     _legend_below(figure, axes[0])
-    figure.suptitle(f"{field}: scores against lead time")
+    figure.suptitle(f"{field}: scores against lead time{_options_label(summary)}")
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -137,7 +145,7 @@ def plot_rank_histogram(path: Path, summary: dict, field: str) -> Path:
         if number % columns:
             axis.set_ylabel("")
     _legend_below(figure, [pooled])
-    figure.suptitle(f"{field}: rank histograms (flat = calibrated)")
+    figure.suptitle(f"{field}: rank histograms (flat = calibrated){_options_label(summary)}")
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -207,17 +207,24 @@ def configure_device(device) -> None:
         tune_cpu_allocator()
 
 
-def cuda_speedups(networks, device, *, bf16: bool, compile: bool, action: str) -> bool:
+# torch.compile modes: "reduce-overhead" replays CUDA graphs (one launch per graph instead of one per
+# kernel: what small, launch-bound network calls need), "max-autotune" also benchmarks kernel choices.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def cuda_speedups(networks, device, *, bf16: bool, compile: bool, action: str, compile_mode: str = "default") -> bool:
     """The `bf16` / `compile` options of training and forecasting, which apply on CUDA only: compiles
-    `networks` in place when asked; returns whether to run under bfloat16 autocast. Elsewhere both are
-    logged as ignored (`action` says what runs instead, e.g. "training in float32")."""
+    `networks` in place when asked (`compile_mode`, one of COMPILE_MODES); returns whether to run under
+    bfloat16 autocast. Elsewhere both are logged as ignored (`action` says what runs instead, e.g.
+    "training in float32")."""
+    assert compile_mode in COMPILE_MODES, compile_mode  # callers check user input
     if device.type != "cuda":
         if bf16 or compile:
             log.info("bf16 and compile apply on CUDA only; %s on %s", action, device)
         return False
     if compile:
         for network in networks:
-            network.compile()
+            network.compile(mode=None if compile_mode == "default" else compile_mode)
     return bf16
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dyfcli import __version__, outputs
+from dyfcli.attrs import decode, decoded, for_writing
 from dyfcli.chunks import (check_chunks, checksum_codecs, checksummed, load_small_arrays, read_errors, reason,
                            verify_chunks)
 from dyfcli.errors import DataError
@@ -36,10 +37,18 @@ warnings.filterwarnings("ignore", message="Consolidated metadata is currently no
 
 FORMAT = "dyf-data-store"
 FORMAT_VERSION = 1
-NORMALIZATION_MODES = ("global", "pixel", "pixel-dayofyear")
+# "none": the fields are used in raw units (as the official code trains the simulated systems); the store
+# still holds global training statistics (climatology, `dyf inspect`), which the loaders do not apply.
+NORMALIZATION_MODES = ("global", "pixel", "pixel-dayofyear", "none")
 FIELD_DIMS = ("series", "time", "y", "x")
+# Attribute of a store whose x axis is periodic (longitudes spanning 360 degrees, untiled): the networks
+# then pad x circularly (`networks.wrap_x_padding`).
+PERIODIC_X = "dyf_periodic_x"
 STATIC_DIMS = ("series", "y", "x")
-STATS_DIMS = {"global": (), "pixel": ("series", "y", "x"), "pixel-dayofyear": ("dayofyear", "series", "y", "x")}
+STATS_DIMS = {"global": (), "pixel": ("series", "y", "x"), "pixel-dayofyear": ("dayofyear", "series", "y", "x"),
+              "none": ()}
+# The systems whose shipped presets fit a store, and how a store says it holds one (`DataStore.system`).
+SYSTEMS = ("sst", "navier-stokes", "spring-mesh")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -76,7 +85,8 @@ def finalize(staging: Path, out: Path) -> None:
 
 
 def provenance_attrs(source: str, recipe: dict) -> dict:
-    """Attributes every store carries about how it was made."""
+    """Attributes every store carries about how it was made (plain values in memory; nested ones such as
+    `dyf_recipe` are written as JSON strings by `attrs.for_writing`)."""
     return {
         "dyf_format": FORMAT,
         "dyf_format_version": FORMAT_VERSION,
@@ -116,11 +126,12 @@ def encoding_for(ds, time_chunk: int = 1) -> dict:
 
 
 def write_store(ds, out: Path, overwrite: bool = False, time_chunk: int = 1) -> Path:
-    """Validate `ds` and write it atomically to `out` (staging directory, then rename)."""
+    """Validate `ds` and write it atomically to `out` (staging directory, then rename); attributes go
+    through `attrs.for_writing` (JSON strings for nested values, CF coordinate attributes)."""
     validate_dataset(ds)
     check_output(out, overwrite)
     staging = new_staging(out)
-    ds.to_zarr(staging, mode="a", encoding=encoding_for(ds, time_chunk), consolidated=True)
+    for_writing(ds).to_zarr(staging, mode="a", encoding=encoding_for(ds, time_chunk), consolidated=True)
     finalize(staging, out)
     return Path(out)
 
@@ -128,8 +139,10 @@ def write_store(ds, out: Path, overwrite: bool = False, time_chunk: int = 1) -> 
 # ----------------------------------------------------------------------------------------------- schema
 
 def validate_dataset(ds) -> None:
-    """Check the schema of docs/design.md §3; raise DataError naming what is wrong."""
-    fields = ds.attrs.get("dyf_fields")
+    """Check the schema of docs/design.md §3; raise DataError naming what is wrong. `ds` may come
+    straight from disk (attributes still JSON-encoded) or from memory."""
+    attrs = decode(ds.attrs)
+    fields = attrs.get("dyf_fields")
     if not fields:
         raise DataError("not a dyf data store: the attribute 'dyf_fields' is missing; create it with `dyf prepare`")
     for name in fields:
@@ -139,7 +152,7 @@ def validate_dataset(ds) -> None:
             raise DataError(f"field {name!r} has dims {ds[name].dims}, expected {FIELD_DIMS}; re-run `dyf prepare`")
     if "mask" not in ds.data_vars or tuple(ds["mask"].dims) != STATIC_DIMS:
         raise DataError("the store has no mask(series, y, x); re-run `dyf prepare`")
-    mode = ds.attrs.get("dyf_normalization")
+    mode = attrs.get("dyf_normalization")
     if mode not in NORMALIZATION_MODES:
         raise DataError(f"the store's dyf_normalization is {mode!r}, expected one of {NORMALIZATION_MODES}")
     for name in fields:
@@ -149,7 +162,11 @@ def validate_dataset(ds) -> None:
                 raise DataError(f"the store has no {var}; re-run `dyf prepare` to compute statistics")
             if tuple(ds[var].dims) != STATS_DIMS[mode]:
                 raise DataError(f"{var} has dims {ds[var].dims}, expected {STATS_DIMS[mode]} for {mode!r}")
-    splits = ds.attrs.get("dyf_splits")
+    periodic = attrs.get(PERIODIC_X, False)
+    if not isinstance(periodic, (bool, np.bool_)) and periodic not in (0, 1):
+        raise DataError(f"the store's {PERIODIC_X} attribute is {periodic!r}, expected true or false; "
+                        "re-run `dyf prepare`")
+    splits = attrs.get("dyf_splits")
     if not isinstance(splits, dict) or not splits:
         raise DataError("the store has no dyf_splits attribute; re-run `dyf prepare`")
     for split, rule in splits.items():
@@ -189,6 +206,23 @@ class DataStore:
     @property
     def is_dated(self) -> bool:
         return np.issubdtype(self.ds["time"].dtype, np.datetime64)
+
+    @property
+    def periodic_x(self) -> bool:
+        """Whether the x axis wraps around (longitudes spanning 360 degrees, untiled): `dyf_periodic_x`."""
+        return bool(self.ds.attrs.get(PERIODIC_X, False))
+
+    @property
+    def system(self) -> str | None:
+        """`sst`, `navier-stokes` or `spring-mesh` when the store was made by that `dyf prepare` command
+        (the simulated systems record `dyf_system`; SST stores are told by `dyf_values`, which only
+        `prepare sst` writes), else None (`prepare netcdf`, foreign stores)."""
+        attrs = self.ds.attrs
+        if attrs.get("dyf_system") in SYSTEMS:
+            return attrs["dyf_system"]
+        if "dyf_values" in attrs and self.fields == ["sst"]:
+            return "sst"
+        return None
 
     def split_ranges(self, split: str) -> list[tuple[int, int, int]]:
         """`(series_index, start, stop)` half-open time-index ranges that make up `split`."""
@@ -249,6 +283,7 @@ def open_store(path: Path | str) -> DataStore:
     except Exception as err:  # zarr raises many types for a broken store
         raise DataError(f"{path} is not a readable Zarr store ({reason(err)}); "
                         "re-create it with `dyf prepare`") from None
+    decoded(ds)  # JSON-encoded attributes back to values (stores before that: unchanged)
     if ds.attrs.get("dyf_format") != FORMAT:
         raise DataError(f"{path} is not a dyf data store (dyf_format={ds.attrs.get('dyf_format')!r}); "
                         "create one with `dyf prepare`")
@@ -328,6 +363,7 @@ def describe(store: DataStore) -> dict:
         "time": {"first": time_range[0], "last": time_range[1], "steps": int(len(times)),
                  "step": ds.attrs.get("dyf_time_step")},
         "normalization": store.normalization,
+        "periodic_x": store.periodic_x,
         "splits": splits,
         "valid_fraction": float(ds["mask"].mean().compute()),
         "source": ds.attrs.get("dyf_source"),

@@ -58,7 +58,7 @@ from dyfcli.config import (RunConfig, apply_overrides, config_from_dict, load_co
                            require_stochastic_interpolator, to_yaml)
 from dyfcli.errors import Cancelled, ConfigError, DataError, Interrupted, UsageError
 from dyfcli.model import (DYffusionModel, DYffusionSettings, build_forecaster, build_interpolator, eval_mode,
-                          load_weights, members_first, repeat_members)
+                          load_weights, members_first, periodic_networks, repeat_members)
 from dyfcli.noise import MemberNoise
 from dyfcli.runtime import (Ranks, StopRequest, configure_device, cuda_speedups, distributed, fault_point,
                             ignore_stop_signals, resolve_device, stop_signals)
@@ -209,6 +209,9 @@ def resolve_forecaster(method: str, interpolator: Path | str | None, preset: str
     if method != "dyffusion":
         if interpolator is not None:
             log.warning("--interpolator is ignored by the %s baseline", method)
+        if preset is None:  # `load_config` would fall back to `tiny`; the CLI picks the store's preset
+            raise UsageError(f"the {method} baseline needs a preset (e.g. --preset tiny, or the store's: "
+                             "`dyf train-forecaster` without --preset picks it)")
         return load_config(preset, overrides), None
     if interpolator is None:
         raise UsageError("train-forecaster --method dyffusion needs --interpolator interpolator.pt "
@@ -229,6 +232,9 @@ def forecaster_config(interpolator: ckpt.Checkpoint, preset: str | None, overrid
     if config.data.horizon != trained_horizon:
         raise ConfigError(f"data.horizon = {config.data.horizon} but the interpolator was trained with horizon "
                           f"{trained_horizon}; use the same horizon (or re-train the interpolator)")
+    if list(config.data.calendar) != interpolator.calendar:  # both networks take the same condition channels
+        raise ConfigError(f"data.calendar = {list(config.data.calendar)} but the interpolator was trained with "
+                          f"{interpolator.calendar}; use the same data.calendar (or re-train the interpolator)")
     return config
 
 
@@ -250,6 +256,7 @@ class Run:
     run_dir: Path
     mask: torch.Tensor  # (S, Y, X) bool, valid points of the store
     saved_step: int | None = None  # the step of the training state on disk, if any
+    sigma_selection: dict | None = None  # the Perturbation baseline's sigma chosen on validation, if any
 
 
 @dataclass
@@ -271,10 +278,12 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
     started = time.monotonic()
     run, train_set, val_set, state = _open_run(method_name, config, data, out, interpolator, device_spec,
                                                overwrite, ranks)
+    _require_sigma_validation(run, val_set)
     fault_point("train.started")
     device, stage = run.device, run.stage
     torch.manual_seed(config.training.seed)  # identical initial weights on every rank
-    method = build_method(method_name, config, len(train_set.fields), len(train_set.cond_names), interpolator)
+    config = run.config  # with the store's periodic x axis resolved (`model.periodic_networks`)
+    method = build_method(method_name, config, len(train_set.fields), train_set.condition_channels, interpolator)
     method.to(device)
     network = method.network
     network.train()
@@ -357,6 +366,7 @@ def _fit(method_name: str, config: RunConfig, data: Path, out: Path, interpolato
                 break
         if progress.last_validated_step != progress.step:
             validate_and_save_state()  # a signal during this last validation still saves and exits 75
+        _select_perturbation_sigma(run, method, val_set, progress, stop_requested)
         return _finish(run, network, ema, progress, resumed_from, started)  # a signal now: finish, exit 0
 
 
@@ -383,12 +393,15 @@ def _open_run(method_name: str, config: RunConfig, data: Path, out: Path, interp
     kind = {"interpolator": "interpolator", "dyffusion": "forecaster"}.get(method_name, method_name)
     device = _device(device_spec)
     state = _prepare_output(out, overwrite, ranks)
+    store = open_store(data)
+    # the sections this run trains: the interpolator in stage 1, else the forecaster (baselines: its network)
+    trained = ("interpolator",) if kind == "interpolator" else ("forecaster",)
+    config = periodic_networks(config, store.periodic_x, trained)
     if state is not None:
         _check_resumable(state, config, kind, out)
-    store = open_store(data)
     if interpolator is not None:
         ckpt.check_compatible(interpolator, store)
-    train_set = WindowDataset(data, "train", config.data.horizon + 1)
+    train_set = WindowDataset(data, "train", config.data.horizon + 1, calendar=config.data.calendar)
     val_set = _validation_set(data, store, config)
     run = Run(kind=kind, method_name="dyffusion" if kind in ckpt.DYFFUSION_KINDS else kind, config=config,
               stage=config.interpolator if kind == "interpolator" else config.forecaster, data=data, out=out,
@@ -483,7 +496,7 @@ def _validation_set(data: Path, store, config: RunConfig):
         log.warning("the store has no 'val' split: no validation; the final weights are kept")
         return None
     try:
-        windows = WindowDataset(data, "val", config.data.horizon + 1)
+        windows = WindowDataset(data, "val", config.data.horizon + 1, calendar=config.data.calendar)
     except DataError as err:
         log.warning("no validation (%s); the final weights are kept", err.message)
         return None
@@ -500,20 +513,48 @@ def _validation_set(data: Path, store, config: RunConfig):
 def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema: Ema | None,
               stop_requested: Callable[[], bool] = lambda: False) -> None:
     """Ensemble CRPS (properscoring's, over valid points, mean over lead times) on the validation windows;
-    save the network when it is the best so far. Ranks score disjoint windows and sum."""
-    from dyfcli.data import loader_batches
-    from dyfcli.metrics import crps_ensemble, lead_mean
+    save the network when it is the best so far."""
+    from dyfcli.metrics import lead_mean
 
     progress.last_validated_step = progress.step
     if val_set is None:
         return
+    network = method.network
+    with (ema.swapped_in(network) if ema is not None else nullcontext()):
+        per_lead = _validation_crps(run, method, val_set, stop_requested)
+    if per_lead is None:
+        progress.last_validated_step = -1
+        return
+    crps = lead_mean(per_lead)
+    _require_finite(run, progress, "the validation CRPS", crps)
+    improved = crps < progress.best_crps
+    if improved:
+        progress.best_crps, progress.best_step, progress.stale_validations = crps, progress.step, 0
+        _save_inference_checkpoint(run, network, ema, progress, complete=False)
+        fault_point("train.checkpoint_saved")
+    else:
+        progress.stale_validations += 1
+    record = {"step": progress.step, "epoch": progress.epoch, "val_crps": crps, "best": improved}
+    progress.history.append({"step": progress.step, "val_crps": crps})
+    _append_metrics(run, {**record, "val_crps_per_lead": [float(v) for v in per_lead]})
+    log.info("%s step %d: validation CRPS %.5g%s", run.kind, progress.step, crps, " (best)" if improved else "")
+
+
+@torch.no_grad()
+def _validation_crps(run: Run, method: TrainingMethod, val_set,
+                     stop_requested: Callable[[], bool]) -> torch.Tensor | None:
+    """Per-lead ensemble CRPS `(L,)` of `method` on the validation windows (ranks score disjoint windows and
+    sum), or None when a stop was requested on any rank."""
+    from dyfcli.data import loader_batches
+    from dyfcli.metrics import crps_ensemble
+
     members, network = run.config.training.val_ensemble, method.network
     mine = torch.utils.data.Subset(val_set, list(range(run.ranks.rank, len(val_set), run.ranks.world)))
     loader = torch.utils.data.DataLoader(mine, batch_size=run.config.data.eval_batch_size, shuffle=False,
                                          num_workers=run.config.data.num_workers)
     leads = run.config.data.horizon - 1 if run.kind == "interpolator" else run.config.data.horizon
     sums = torch.zeros(2, leads, dtype=torch.float64, device=run.device)  # CRPS sum, valid points, per lead
-    with (ema.swapped_in(network) if ema is not None else nullcontext()), eval_mode(network):
+    with eval_mode(network):
         for batch in loader_batches(loader):  # a damaged store: one-line error, workers stopped
             if stop_requested():
                 break  # the caller saves the state; the validation is repeated after the resume
@@ -528,23 +569,46 @@ def _validate(run: Run, method: TrainingMethod, val_set, progress: Progress, ema
             sums[0] += torch.where(valid, crps, 0.0).flatten(1).sum(1)
             sums[1] += valid.flatten(1).sum(1)
     if run.ranks.any(stop_requested()):
-        progress.last_validated_step = -1
-        return
+        return None
     sums = run.ranks.sum(sums)
-    per_lead = (sums[0] / sums[1].clamp(min=1)).cpu()
-    crps = lead_mean(per_lead)
-    _require_finite(run, progress, "the validation CRPS", crps)
-    improved = crps < progress.best_crps
-    if improved:
-        progress.best_crps, progress.best_step, progress.stale_validations = crps, progress.step, 0
-        _save_inference_checkpoint(run, network, ema, progress, complete=False)
-        fault_point("train.checkpoint_saved")
-    else:
-        progress.stale_validations += 1
-    record = {"step": progress.step, "epoch": progress.epoch, "val_crps": crps, "best": improved}
-    progress.history.append({"step": progress.step, "val_crps": crps})
-    _append_metrics(run, {**record, "val_crps_per_lead": [float(v) for v in per_lead]})
-    log.info("%s step %d: validation CRPS %.5g%s", run.kind, progress.step, crps, " (best)" if improved else "")
+    return (sums[0] / sums[1].clamp(min=1)).cpu()
+
+
+def _require_sigma_validation(run: Run, val_set) -> None:
+    """`baseline.perturbation_sigma_grid` is scored on the validation split: refuse it up front without one."""
+    if run.kind == "perturbation" and run.config.baseline.perturbation_sigma_grid and val_set is None:
+        raise ConfigError("baseline.perturbation_sigma_grid chooses sigma on the 'val' split, which this store "
+                          "lacks; set baseline.perturbation_sigma instead (--set baseline.perturbation_sigma_grid=[])")
+
+
+@torch.no_grad()
+def _select_perturbation_sigma(run: Run, method: TrainingMethod, val_set, progress: Progress,
+                               stop: StopRequest) -> None:
+    """Score every sigma of `baseline.perturbation_sigma_grid` with the best weights on the validation windows
+    (ensemble CRPS, as model selection) and keep the lowest in `run.sigma_selection` for `_finish`.
+
+    Runs after the last validation, while the training state is still on disk: a stop here exits 75 and
+    the same command repeats only the selection."""
+    from dyfcli.metrics import lead_mean
+
+    grid = run.config.baseline.perturbation_sigma_grid
+    if run.kind != "perturbation" or not grid or val_set is None:
+        return
+    if run.ranks.is_main and run.out.exists():
+        method.network.load_state_dict(ckpt.load_checkpoint(run.out).state_dict)  # the best, not the last
+    run.ranks.broadcast_module(method.network)
+    scores = []
+    for sigma in grid:
+        per_lead = _validation_crps(run, dataclasses.replace(method, model=method.model.with_sigma(sigma)),
+                                    val_set, stop)
+        if per_lead is None:
+            _interrupt(run, progress, stop)
+        scores.append(lead_mean(per_lead))
+        log.info("perturbation sigma %g: validation CRPS %.5g", sigma, scores[-1])
+    best = min(range(len(grid)), key=lambda i: (scores[i], i))  # ties: the first (smallest in a sorted grid)
+    run.sigma_selection = {"grid": list(grid), "val_crps": scores, "sigma": grid[best]}
+    _append_metrics(run, {"event": "perturbation_sigma_selected", **run.sigma_selection})
+    log.info("perturbation sigma %g chosen on the validation split (CRPS %.5g)", grid[best], scores[best])
 
 
 # ================================================================================================ EMA
@@ -816,7 +880,7 @@ def _finish(run: Run, network: nn.Module, ema: Ema | None, progress: Progress, r
         _require_finite_weights(run, progress, network)
     if run.ranks.is_main:
         if run.out.exists():
-            best = ckpt.load_checkpoint(run.out)
+            best = _with_sigma_selection(ckpt.load_checkpoint(run.out), run.sigma_selection)
             ckpt.save_checkpoint(run.out, dataclasses.replace(best, training={**best.training, "complete": True}))
         else:
             _save_inference_checkpoint(run, network, ema, progress, complete=True)
@@ -831,7 +895,17 @@ def _finish(run: Run, network: nn.Module, ema: Ema | None, progress: Progress, r
             "parameters": sum(p.numel() for p in network.parameters() if p.requires_grad),
             "world_size": run.ranks.world, "rank": run.ranks.rank, "device": str(run.device),
             "run_dir": str(run.run_dir),
+            **({"perturbation_sigma": run.sigma_selection} if run.sigma_selection else {}),
             "seconds": round(time.monotonic() - started, 2)}
+
+
+def _with_sigma_selection(best: ckpt.Checkpoint, selection: dict | None) -> ckpt.Checkpoint:
+    """The checkpoint with the chosen sigma in its config (what `dyf forecast` uses) and the scores of the
+    grid in its training record."""
+    if selection is None:
+        return best
+    config = {**best.config, "baseline": {**best.config["baseline"], "perturbation_sigma": selection["sigma"]}}
+    return dataclasses.replace(best, config=config, training={**best.training, "perturbation_sigma": selection})
 
 
 def _finite(value: float) -> float | None:

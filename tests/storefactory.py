@@ -108,3 +108,23 @@ def make_untrained_checkpoint(store, path: Path, seed: int = 0, overrides: tuple
     save_checkpoint(path, Checkpoint(kind="forecaster", state_dict=forecaster.state_dict(), interpolator=inner,
                                      **common))
     return path
+
+
+def make_untrained_baseline(store, path: Path, kind: str, overrides: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """An untrained `kind` baseline checkpoint (dropout, perturbation, ddpm, mcvd) of the tiny preset for
+    `store`, saved the way train-forecaster saves one."""
+    import torch
+
+    from dyfcli.baselines import training_method
+    from dyfcli.checkpoint import Checkpoint, save_checkpoint, store_identity
+    from dyfcli.config import load_config
+    from dyfcli.data import Normalizer
+
+    torch.manual_seed(seed)
+    config = load_config("tiny", list(overrides))
+    method = training_method(kind, config, len(store.fields), len(store.cond_names))
+    save_checkpoint(path, Checkpoint(
+        kind=kind, method=kind, config=config.to_dict(), fields=store.fields, grid=store.grid,
+        cond_names=store.cond_names, normalizer=Normalizer.from_store(store).get_state(),
+        store=store_identity(store), state_dict=method.network.state_dict()))
+    return path

@@ -101,7 +101,7 @@ def test_help_lists_commands_in_pipeline_order(capsys):
     listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.startswith("  ")
               and not line.startswith("   ")]
     assert sorted(listed) == sorted(path[0] for path in command_paths() if len(path) == 1)
-    pipeline = ["prepare", "train-interpolator", "train-forecaster", "forecast", "evaluate", "inspect"]
+    pipeline = ["prepare", "train-interpolator", "train-forecaster", "forecast", "evaluate", "export", "inspect"]
     assert listed[:len(pipeline)] == pipeline
 
 

@@ -179,14 +179,14 @@ def test_outputs_netcdf_zarr_csv(stores, tmp_path):
     ds = xr.open_dataset(tmp_path / "scores.nc")
     assert ds["crps"].dims == ("source", "field", "lead")
     assert list(ds["source"].values) == ["forecast", "persistence", "climatology"]
-    assert ds["rank_histogram"].shape == (2, HORIZON, 7)
+    assert ds["rank_histogram"].shape == (3, HORIZON, 7)  # u, v and `all`
     evaluate(forecast, out=tmp_path / "scores.zarr")
     assert float(xr.open_zarr(tmp_path / "scores.zarr")["crps_lead_mean"].sel(source="forecast", field="u")) == \
         pytest.approx(float(ds["crps_lead_mean"].sel(source="forecast", field="u")))
     evaluate(forecast, out=tmp_path / "scores.csv")
     lines = (tmp_path / "scores.csv").read_text().splitlines()
-    assert lines[0] == "source,field,lead,lead_time,metric,value"
-    assert len(lines) == 1 + 3 * 2 * 7 * (HORIZON + 1)
+    assert lines[0] == "source,field,lead,lead_time,metric,value,weights,units,unit"
+    assert len(lines) == 1 + 3 * 3 * 7 * (HORIZON + 1)  # fields u, v and `all`
     assert not list(tmp_path.glob("*.partial"))
 
 

@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 from dyfcli import forecast_store
+from dyfcli.attrs import decode
 from dyfcli.errors import DataError
 from dyfcli.store import open_store
 from storefactory import make_store
@@ -43,8 +44,9 @@ def test_created_schema_is_empty_and_readable(dated_store, tmp_path):
     assert ds["valid_time"].dims == ("init", "lead")
     assert ds["valid_time"].values[1, 2] == np.datetime64("2000-01-19") + np.timedelta64(3, "D")
     assert ds["lead_time"].values[0] == np.timedelta64(1, "D")
-    assert ds.attrs["dyf_format"] == "dyf-forecast" and ds.attrs["dyf_complete"] is False
-    assert ds.attrs["dyf_identity"] == {"seed": 7, "horizon": 3}
+    attrs = decode(ds.attrs)  # bools and nested values are JSON strings on disk (dyfcli.attrs)
+    assert attrs["dyf_format"] == "dyf-forecast" and attrs["dyf_complete"] is False
+    assert attrs["dyf_identity"] == {"seed": 7, "horizon": 3}
     assert ds["u"].attrs["units"] == "1"
 
 

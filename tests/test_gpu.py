@@ -118,3 +118,43 @@ def test_tiny_pipeline_with_bf16_and_compile(dyf, tmp_path):
     assert np.nanmean(values.std(axis=2)) > 0  # members differ under MC dropout
     scores = json.loads(dyf("--json", "evaluate", str(out), "--out", str(tmp_path / "scores.nc")).stdout)
     assert scores["ok"]
+
+
+def test_forecast_with_cuda_graphs_and_packing_matches_eager(tmp_path):
+    """`--compile --compile-mode reduce-overhead --pack 2` (CUDA graphs; their outputs are copied before the
+    next replay) gives the eager forecast up to float rounding (TF32 on in both, as dyf sets it)."""
+    from dyfcli import forecast
+    from dyfcli.forecast_store import open_forecast
+    from dyfcli.store import open_store
+    from storefactory import make_untrained_checkpoint
+
+    store = open_store(make_store(tmp_path / "data.zarr", dated=True, steps=24, land=True))
+    checkpoint = make_untrained_checkpoint(store, tmp_path / "model.pt")
+    values = {}
+    for name, options in (("eager", {}), ("graphs", {"compile": True, "compile_mode": "reduce-overhead", "pack": 2})):
+        forecast.run_forecast(forecast.ForecastRequest(checkpoint=checkpoint, out=tmp_path / f"{name}.zarr",
+                                                       horizon=6, ensemble=5, data=store.path, seed=1,
+                                                       device=DEVICE, **options))
+        values[name] = open_forecast(tmp_path / f"{name}.zarr").ds["u"].values
+    valid = np.isfinite(values["eager"])
+    assert valid.any() and np.array_equal(valid, np.isfinite(values["graphs"]))
+    np.testing.assert_allclose(values["graphs"][valid], values["eager"][valid], atol=2e-3, rtol=2e-3)
+
+
+def test_gpu_checks_script_dry_run_on_cpu(tmp_path):
+    """`scripts/gpu_checks.sh --cpu-smoke`: every benchmark part of the GPU check runs (tiny sizes, CPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", "scripts/gpu_checks.sh", "--cpu-smoke", str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = {name: [r["part"] for r in json.loads((tmp_path / f"{name}.json").read_text())["results"]]
+             for name in ("forecast", "train", "loader", "modes")}
+    assert parts == {"forecast": ["forecast", "profile"], "train": ["train", "train"], "loader": ["loader"],
+                     "modes": ["forecast", "forecast", "forecast"]}
+    loader = json.loads((tmp_path / "loader.json").read_text())["results"][0]
+    assert loader["loader_over_step"] > 0  # compared with the train part's fastest step

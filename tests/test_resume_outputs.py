@@ -92,7 +92,7 @@ def test_a_resumed_run_keeps_one_metrics_row_per_step(dyf, tmp_path):
 @contextmanager
 def _ctrl_c_after_blocks(monkeypatch, blocks: int):
     """Ctrl-C while the forecast computes block `blocks + 1` (the earlier ones are written)."""
-    real = forecast.forecast_block
+    real = forecast.forecast_blocks  # one call per pack: per block with --pack 1
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -102,7 +102,7 @@ def _ctrl_c_after_blocks(monkeypatch, blocks: int):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(forecast, "forecast_block", interrupted)
+        patch.setattr(forecast, "forecast_blocks", interrupted)
         yield
 
 

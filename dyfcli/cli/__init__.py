@@ -20,6 +20,7 @@ from dyfcli.cli import prepare_netcdf as _prepare_netcdf  # noqa: F401,E402
 from dyfcli.cli import train as _train  # noqa: F401,E402
 from dyfcli.cli import forecast as _forecast  # noqa: F401,E402
 from dyfcli.cli import evaluate as _evaluate  # noqa: F401,E402
+from dyfcli.cli import export as _export  # noqa: F401,E402
 from dyfcli.cli import inspect as _inspect  # noqa: F401,E402
 from dyfcli.cli import presets as _presets  # noqa: F401,E402
 

@@ -22,7 +22,7 @@ from typer.core import TyperCommand, TyperGroup
 from dyfcli.errors import DyfError
 
 # `dyf --help` lists commands in the order a user runs them; commands not named here follow.
-PIPELINE_ORDER = ("prepare", "train-interpolator", "train-forecaster", "forecast", "evaluate", "inspect")
+PIPELINE_ORDER = ("prepare", "train-interpolator", "train-forecaster", "forecast", "evaluate", "export", "inspect")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 

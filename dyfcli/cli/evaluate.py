@@ -8,7 +8,7 @@ import typer
 
 from dyfcli.cli.app import app, run_command
 
-TABLE_METRICS = ("crps", "crps_fair", "mse", "rmse", "spread", "ssr", "ssr_unbiased")
+TABLE_METRICS = ("crps", "crps_fair", "mse", "rmse", "spread", "ssr", "ssr_unbiased", "ssr_per_series")
 
 
 def _format(value) -> str:
@@ -26,19 +26,24 @@ def render(summary: dict) -> str:
     console = Console(file=buffer, width=110, force_terminal=False, color_system=None)
     leads = summary["lead_time"]
     span = f"{leads[0]:g}-{leads[-1]:g} {summary['lead_time_units']}" if leads else ""
-    for field in summary["fields"]:
+    rows = [(field, summary["scores"][field], {ref: scores[field] for ref, scores in summary["baselines"].items()})
+            for field in summary["fields"]]
+    if len(summary["fields"]) > 1:
+        rows.append(("all fields", summary["all"]["scores"], summary["all"]["baselines"]))
+    for field, forecast_scores, baselines in rows:
         table = Table(title=f"{field}: mean over {len(leads)} lead times ({span}), "
-                            f"{summary['members']} members, {summary['blocks']} blocks")
+                            f"{summary['members']} members, {summary['blocks']} blocks\n"
+                            f"weights {summary['weights']}, {summary['units']} units")
         table.add_column("metric")
         table.add_column("forecast", justify="right")
         table.add_column("first lead", justify="right")
         table.add_column("last lead", justify="right")
-        for reference in summary["baselines"]:
+        for reference in baselines:
             table.add_column(reference, justify="right")
-        for metric in TABLE_METRICS:
-            scores = summary["scores"][field][metric]
+        for metric in [m for m in TABLE_METRICS if m in forecast_scores]:
+            scores = forecast_scores[metric]
             row = [metric, _format(scores["mean"]), _format(scores["per_lead"][0]), _format(scores["per_lead"][-1])]
-            row += [_format(summary["baselines"][ref][field][metric]["mean"]) for ref in summary["baselines"]]
+            row += [_format(baselines[ref][metric]["mean"]) for ref in baselines]
             table.add_row(*row)
         console.print(table)
     for key in ("out", "plots"):
@@ -61,10 +66,25 @@ def evaluate_command(
     allow_other_truth: bool = typer.Option(False, "--allow-other-truth",
                                            help="Score against a --truth store other than the one the "
                                                 "forecast was made from (same schema)."),
+    weights: str | None = typer.Option(None, "--weights", metavar="coslat|none",
+                                       help="Area weights: cos(latitude), normalised to mean 1 over the valid "
+                                            "points (default where the data store has latitudes), or none."),
+    units: str = typer.Option("physical", "--units", metavar="physical|standardized",
+                              help="Score in the store's physical units, or the standardised fields (the "
+                                   "errors over the store's normalisation std; the paper's SST units)."),
+    ssr: str = typer.Option("pooled", "--ssr", metavar="pooled|per-series",
+                            help="per-series adds ssr_per_series (spread/RMSE per series, then averaged: the "
+                                 "paper's protocol for trajectories) next to the pooled ssr."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda[:N]: numpy kernels on the CPU, torch on "
+                                                        "a GPU (auto: the GPU when there is one)."),
 ) -> None:
     """Score a forecast: CRPS, fair CRPS, MSE/RMSE, spread, SSR and rank histograms per field and lead time,
-    with persistence and climatology as references."""
-    from dyfcli.evaluate import evaluate
+    with persistence and climatology as references, and the row `all` pooling every field. Under torchrun
+    (`torchrun --nproc-per-node N -m dyfcli evaluate ...`) the ranks share the blocks; the scores are those
+    of one process."""
+    from dyfcli.evaluate import ScoreOptions, evaluate
 
+    options = ScoreOptions(weights, units, ssr)
     run_command("evaluate", lambda: evaluate(forecast, truth, out, plots, seed, overwrite=overwrite,
-                                             allow_other_truth=allow_other_truth), render)
+                                             allow_other_truth=allow_other_truth, options=options,
+                                             device=device), render)

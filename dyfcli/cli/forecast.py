@@ -25,7 +25,9 @@ def _render(summary: dict) -> str:
             f"  {count_of(summary['members'], 'member')} x {count_of(summary['leads'], 'lead time')} "
             f"({count_of(summary['windows'], 'window')}), "
             f"{summary['network_calls_per_member']} network calls per member\n"
-            f"  {summary['seconds']} s on {summary['device']}"
+            + (f"  {count_of(summary['pack'], 'block')} per pack, {count_of(summary['rows_per_call'], 'row')} per "
+               f"network call\n" if summary.get("pack", 1) > 1 else "")
+            + f"  {summary['seconds']} s on {summary['device']}"
             + (f", {rate} batched network calls/s" if rate else ""))
 
 
@@ -54,10 +56,14 @@ def forecast_command(
     steps: str | None = typer.Option(None, "--steps", help="DYffusion sampling schedule: full, only_dynamics, "
                                                            "everyN, firstN, only_dynamics_plusN (default: "
                                                            "the checkpoint's)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same forecast (whatever the ranks; on CPU bit for bit whatever --member-batch)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same forecast (whatever the ranks; on CPU bit for bit whatever --member-batch and --pack)."),
     member_batch: int | None = typer.Option(None, "--member-batch", help="Members per batch on a GPU "
                                                                          "(default: all); lower it to save memory. "
                                                                          "On CPU members run 8 at most at a time."),
+    pack: int = typer.Option(1, "--pack", metavar="N", help="Blocks (series x initial time) whose members share "
+                             "network batches: fewer, fuller calls for small grids and large GPUs (on a GPU "
+                             "--member-batch x N rows per call). Same --seed, same forecast whatever N (on CPU "
+                             "bit for bit: calls keep their rows there). Shown in the summary."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     output_times: str | None = typer.Option(None, "--output-times", help="Lead times within one window, e.g. "
                                             "0.5,1,1.5,2 (fractional ones need a model with refinement)."),
@@ -69,6 +75,14 @@ def forecast_command(
                                                      "recorded in the store as dyf_precision)."),
     compile_networks: bool = typer.Option(False, "--compile", help="torch.compile the networks (CUDA only; pays "
                                                                     "off on long forecasts)."),
+    compile_mode: str = typer.Option("default", "--compile-mode", metavar="MODE",
+                                     help="torch.compile mode with --compile: default, reduce-overhead or "
+                                          "max-autotune (both replay CUDA graphs: one launch per network call), "
+                                          "max-autotune-no-cudagraphs. CUDA only, like --compile."),
+    perturbation_sigma: float | None = typer.Option(
+        None, "--perturbation-sigma", metavar="SIGMA",
+        help="Perturbation baseline only: the noise's standard deviation (units the network sees) instead of the "
+             "checkpoint's (recorded in the store as dyf_perturbation_sigma)."),
 ) -> None:
     """Forecast ensembles from every chosen initial condition and write them, in physical units, to a
     forecast store; run under torchrun or srun to spread initial conditions over GPUs.
@@ -83,7 +97,8 @@ def forecast_command(
             checkpoint=ckpt, out=out, horizon=horizon, ensemble=ensemble, data=data, split=split, init=init,
             steps=steps, seed=seed, member_batch=member_batch, device=device,
             output_times=_output_times(output_times), overwrite=overwrite, resume=resume, bf16=bf16,
-            compile=compile_networks)
+            compile=compile_networks, perturbation_sigma=perturbation_sigma, pack=pack,
+            compile_mode=compile_mode)
         return run_forecast(request)
 
     run_command("forecast", workflow, _render)

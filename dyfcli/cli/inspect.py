@@ -17,7 +17,8 @@ import typer
 from dyfcli.cli.app import OPTIONS, app, run_command
 
 LIST_ITEMS = 6  # longer lists show their first and last items and their length
-WHAT = "a data store, forecast store, checkpoint, training state, scores file (.nc, .zarr, .csv) or run folder"
+WHAT = ("a data store, forecast store, checkpoint, training state, scores file (.nc, .zarr, .csv), "
+        "WeatherBench-2 export or run folder")
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -125,6 +126,10 @@ def _inspect_folder(path: Path, verify: bool) -> dict:
         from dyfcli.evaluate import describe_scores
 
         return describe_scores(path)
+    if fmt == "dyf-wb2-export":
+        from dyfcli.export import describe
+
+        return describe(path)
     from dyfcli import store
 
     verified = store.verify(path) if verify else None

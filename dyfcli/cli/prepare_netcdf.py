@@ -64,7 +64,7 @@ def prepare_netcdf_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a Dask distributed scheduler "
                                   "(default: env DASK_SCHEDULER_ADDRESS; none: threads here). Its workers must "
-                                  "see the files and --out."),
+                                  "see the files; this process writes --out."),
 ) -> None:
     """Turn CF-convention gridded NetCDF or Zarr files (one or many) into a data store.
 

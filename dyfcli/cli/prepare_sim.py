@@ -12,6 +12,8 @@ FROM_HELP = ("Read the original nn-benchmark files instead of simulating: the da
              "{archive}/run/data_gen/), that data_gen folder, or a folder of split folders, each with "
              "trajectories.npz and system_meta.json.")
 DEVICE_HELP = "Where to simulate: auto (a GPU when there is one), cpu, cuda or cuda:N."
+NORMALIZATION_HELP = ("global: networks see z-scores of each field (training mean and std); none: raw units, as "
+                      "the official code trains this system (recorded in the store; the statistics are kept).")
 
 
 def _counts(text: str | None, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, int] | None:
@@ -25,7 +27,7 @@ def _render(summary: dict) -> str:
     lines = [f"wrote {summary['out']}: {summary['system']}, {summary['series']} series ({splits}), "
              f"{summary['steps']} steps of {summary['time_step']:g}, grid {summary['grid'][0]} × {summary['grid'][1]} "
              f"(y, x), fields {', '.join(summary['fields'])}",
-             f"  source: {summary['source']}"]
+             f"  source: {summary['source']}; normalization {summary.get('normalization', 'global')}"]
     lines += [f"  {name}: mean {stat['mean']:.4g}, std {stat['std']:.4g} (train)"
               for name, stat in summary["statistics"].items()]
     return "\n".join(lines)
@@ -44,6 +46,7 @@ def navier_stokes_command(
     resolution: int = typer.Option(
         1, "--resolution", help="Solver cells per 0.01 output spacing: 1 (h = 0.01) or 2 (h = 0.005, ~8× slower)."),
     snapshots: int = typer.Option(65, "--snapshots", hidden=True, help="Simulate only the first N snapshots."),
+    normalization: str = typer.Option("global", "--normalization", help=NORMALIZATION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """Flow past four random cylinders in the DFG channel (nn-benchmark "navier-stokes-multi").
@@ -57,7 +60,8 @@ def navier_stokes_command(
         from dyfcli.sources.navier_stokes import prepare_navier_stokes
 
         return prepare_navier_stokes(out, source=source, counts=_counts(trajectories), seed=seed, device=device,
-                                     overwrite=overwrite, snapshots=snapshots, resolution=resolution)
+                                     overwrite=overwrite, snapshots=snapshots, resolution=resolution,
+                                     normalization=normalization)
 
     run_command("prepare navier-stokes", workflow, _render)
 
@@ -78,6 +82,7 @@ def spring_mesh_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     substeps: int = typer.Option(1, "--substeps", help="RK4 steps per output step of 0.00781."),
     snapshots: int = typer.Option(805, "--snapshots", hidden=True, help="Simulate only the first N snapshots."),
+    normalization: str = typer.Option("global", "--normalization", help=NORMALIZATION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """A damped 10 × 10 spring mesh with its top row pinned (nn-benchmark "springmesh-10-perturball").
@@ -90,6 +95,7 @@ def spring_mesh_command(
         from dyfcli.sources.spring_mesh import prepare_spring_mesh
 
         return prepare_spring_mesh(out, source=source, counts=_counts(trajectories), ood=ood, seed=seed,
-                                   device=device, overwrite=overwrite, snapshots=snapshots, substeps=substeps)
+                                   device=device, overwrite=overwrite, snapshots=snapshots, substeps=substeps,
+                                   normalization=normalization)
 
     run_command("prepare spring-mesh", workflow, _render)

@@ -41,9 +41,12 @@ def _render(summary: dict) -> str:
     best = f"best validation CRPS {crps:.5g} at step {summary.get('best_step')}" if crps is not None else \
         "no validation split: final weights kept"
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary.get("resumed_from_step") else ""
+    sigma = summary.get("perturbation_sigma")
+    chosen = (f"\n  perturbation sigma {sigma['sigma']:g} chosen on the validation split (grid "
+              f"{', '.join(f'{s:g}' for s in sigma['grid'])})" if sigma else "")
     return (f"{summary['kind']} -> {summary['out']}: {count_of(summary['steps'], 'step')} ({count_of(summary['epochs'], 'epoch')}){resumed}, "
             f"{best}, {summary['parameters']:,} parameters, {summary['seconds']} s on {summary['device']}"
-            f" x{summary['world_size']}\n  run log: {summary['run_dir']}/metrics.jsonl")
+            f" x{summary['world_size']}{chosen}\n  run log: {summary['run_dir']}/metrics.jsonl")
 
 
 def dry_run(kind: str, config: RunConfig, data: Path, out: Path) -> dict:
@@ -75,6 +78,30 @@ def _render_dry_run(summary: dict) -> str:
               + yaml.safe_dump(summary["config"], sort_keys=False, default_flow_style=None), end="")
         sys.stdout.flush()
     return f"dry run: {summary['kind']} config resolved; nothing trained (drop --dry-run to train)"
+
+
+def baseline_preset(method: str, data: Path) -> str | None:
+    """The preset a baseline trains with when no --preset is given: the one the store's system calls for
+    (`config.method_preset`: `sst-dropout`, `spring-mesh-perturbation`, ...), logged; a store that names no
+    system is refused with the choices. None for DYffusion, which takes its interpolator's settings."""
+    import logging
+
+    from dyfcli.checkpoint import BASELINE_KINDS
+    from dyfcli.config import method_preset, preset_names
+    from dyfcli.errors import UsageError
+    from dyfcli.store import SYSTEMS, open_store
+
+    if method not in BASELINE_KINDS:
+        return None
+    system = open_store(data).system
+    if system is None:
+        raise UsageError(f"--method {method} needs --preset: the store {data} holds none of the systems with shipped "
+                         f"settings ({', '.join(SYSTEMS)}); pass --preset NAME (one of {', '.join(preset_names())}) "
+                         "or a YAML file")
+    name = method_preset(system, method)
+    logging.getLogger("dyf").info("no --preset given: using preset %s, the %s settings for %s stores", name,
+                                  "official baseline" if name != system else "paper's DYffusion", system)
+    return name
 
 
 @app.command("train-interpolator")
@@ -112,8 +139,11 @@ def train_forecaster_command(
     out: Path = typer.Option(..., "--out", help="Model checkpoint to write (e.g. model.pt)."),
     interpolator: Path = typer.Option(None, "--interpolator", help="Checkpoint from `dyf train-interpolator` "
                                       "(needed by --method dyffusion)."),
-    method: str = typer.Option("dyffusion", "--method", help="dyffusion, or a baseline: dropout, perturbation, ddpm."),
-    preset: str = typer.Option(None, "--preset", help=_PRESET_HELP + " Default: the interpolator's settings."),
+    method: str = typer.Option("dyffusion", "--method",
+                               help="dyffusion, or a baseline: dropout, perturbation, ddpm, mcvd."),
+    preset: str = typer.Option(None, "--preset", help=_PRESET_HELP + " Default: the interpolator's settings; for a "
+                               "baseline, the preset of the store's system (`sst-dropout`, `spring-mesh-perturbation`, "
+                               "...; refused for stores of no known system)."),
     sets: list[str] = _SETS,
     device: str = _DEVICE,
     overwrite: bool = _OVERWRITE,
@@ -127,10 +157,12 @@ def train_forecaster_command(
     def workflow() -> dict:
         from dyfcli.train import resolve_forecaster, train_forecaster
 
+        chosen = preset if preset is not None else baseline_preset(method, data)
         if dry:
-            config, _ = resolve_forecaster(method, interpolator, preset, sets)
-            return {**dry_run("forecaster", config, data, out), "method": method}
-        return train_forecaster(data, out, interpolator=interpolator, method=method, preset=preset,
-                                overrides=sets, device=device, overwrite=overwrite)
+            config, _ = resolve_forecaster(method, interpolator, chosen, sets)
+            return {**dry_run("forecaster", config, data, out), "method": method, "preset": chosen}
+        summary = train_forecaster(data, out, interpolator=interpolator, method=method, preset=chosen,
+                                   overrides=sets, device=device, overwrite=overwrite)
+        return {**summary, "preset": chosen}
 
     run_command("train-forecaster", workflow, _render_dry_run if dry else _render)

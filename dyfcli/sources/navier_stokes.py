@@ -380,8 +380,9 @@ def simulated_trajectories(counts: dict[str, int], *, seed: int, device: torch.d
 
 def prepare_navier_stokes(out: Path, *, source: Path | None = None, counts: dict[str, int] | None = None,
                           seed: int = 0, device: str = "auto", overwrite: bool = False,
-                          snapshots: int = OUTPUT_STEPS, resolution: int = 1) -> dict:
-    """`dyf prepare navier-stokes`: read the nn-benchmark files under `source`, or simulate; write the store."""
+                          snapshots: int = OUTPUT_STEPS, resolution: int = 1, normalization: str = "global") -> dict:
+    """`dyf prepare navier-stokes`: read the nn-benchmark files under `source`, or simulate; write the store
+    (`normalization`: `global` z-scores, or `none` for raw units)."""
     from dyfcli.errors import UsageError
     from dyfcli.runtime import resolve_device
     from dyfcli.store import claim_output
@@ -391,6 +392,7 @@ def prepare_navier_stokes(out: Path, *, source: Path | None = None, counts: dict
             raise UsageError(f"--snapshots {snapshots}: choose 1..{OUTPUT_STEPS}")
         if resolution < 1:
             raise UsageError(f"--resolution {resolution}: choose 1 (h = 0.01) or more")
+        nnbenchmark.check_normalization(normalization)
         if source is not None:
             trajectories = nnbenchmark.read_archive(Path(source), nnbenchmark.NAVIER_STOKES,
                                                     counts=nnbenchmark.check_counts(counts) if counts else None)
@@ -400,4 +402,4 @@ def prepare_navier_stokes(out: Path, *, source: Path | None = None, counts: dict
             trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
                                                   snapshots=snapshots, resolution=resolution)
             log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
-        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)
+        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite, normalization)

@@ -50,6 +50,9 @@ variables as fields `(series, time, y, x)`. Decisions, so users know what they g
   (`--scheduler`). The raw files are read once: the fields are written a time block at a time into a
   marked staging store, with a marker per block, so an interrupted run re-run with the same command
   (and unchanged files) skips the blocks written; statistics are then read back from the staged fields.
+  A block is read as numpy arrays (the next one on a helper thread) and checked, summed and written
+  without Dask, its chunk files written directly (`chunks.chunk_writer`). SIGTERM or SIGUSR1 (a batch
+  system's pre-emption) stops after the current block with exit 75; the same command resumes.
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dyfcli.errors import DataError, UsageError
-from dyfcli.runtime import fault_point, progress
-from dyfcli.store import (DataStore, claim_output, encoding_for, finalize, new_staging, provenance_attrs,
-                          staging_path, validate_dataset)
+from dyfcli.attrs import for_writing
+from dyfcli.chunks import chunk_writer
+from dyfcli.errors import DataError, Interrupted, UsageError
+from dyfcli.runtime import fault_point, progress, stop_signals
+from dyfcli.store import (PERIODIC_X, DataStore, claim_output, encoding_for, finalize, new_staging,
+                          provenance_attrs, staging_path, validate_dataset)
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
 GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
@@ -114,7 +119,8 @@ def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: i
     """Build a data store from CF gridded files; returns a JSON-ready summary.
 
     `scheduler`: a Dask distributed scheduler address (default: env DASK_SCHEDULER_ADDRESS; none: local
-    threads); its workers must see the input files and the output folder."""
+    threads); its workers must see the input files (they read and decode the blocks; this process checks
+    and writes them)."""
     from dyfcli.sources.oisst import connect_scheduler
 
     inputs = [match for text in paths for match in _matches(text)]
@@ -151,6 +157,9 @@ def _prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: 
          "select": select or {}, "normalization": normalization, "splits": splits}))
     dataset.attrs.update({"dyf_fields": [field_name(v) for v in variables], "dyf_splits": splits,
                           "dyf_normalization": normalization, "dyf_time_step": step, "dyf_calendar": source.calendar})
+    if tile is None and spans_360_degrees(source.x_coord):
+        dataset.attrs[PERIODIC_X] = True  # networks pad x circularly (networks.wrap_x_padding)
+        source.notes.append("longitudes span 360 degrees: x is periodic (dyf_periodic_x), the networks wrap around")
     written = write(dataset, out, normalization, source.step_files, files=source.files, client=client)
     if written["filled_days"]:
         source.notes.append(f"{len(written['filled_days'])} days of year without training data took the nearest "
@@ -893,6 +902,18 @@ def to_series(source: Source, tile: int | None):
     return out, labels
 
 
+def spans_360_degrees(x_coord: dict | None) -> bool:
+    """Whether a 1-D longitude x axis is a regular grid around the whole globe (n steps of 360/n degrees),
+    so its last column neighbours its first: the store's x axis is periodic."""
+    if x_coord is None or not x_coord["geographic"] or x_coord["values"].ndim != 1 or len(x_coord["values"]) < 3:
+        return False
+    values = x_coord["values"]
+    steps = np.mod(np.diff(values), 360.0)  # a grid that crosses the date line or 0 degrees still counts
+    step = steps[0]
+    return bool(step > 0 and np.allclose(steps, step, rtol=1e-4, atol=0)
+                and np.isclose(len(values) * step, 360.0, rtol=1e-4, atol=0))
+
+
 def choose_tiles(first_valid: np.ndarray, tile: int | None, notes: list[str]):
     """Tile size, `(row, column)` of the tiles with a valid point, and their labels."""
     ny, nx = first_valid.shape
@@ -951,7 +972,7 @@ def write(dataset, out: Path, normalization: str, step_files: list[Path] | None 
     stats, filled_days = _training_statistics(staged, dataset, train, normalization, client, moments, skipped)
     shutil.rmtree(marks)  # a kill from here on starts the job afresh
     stats.attrs = dict(dataset.attrs)  # appending rewrites the group attributes
-    stats.to_zarr(staging, mode="a", consolidated=True, encoding=encoding_for(stats))
+    for_writing(stats).to_zarr(staging, mode="a", consolidated=True, encoding=encoding_for(stats))
     validate_dataset(xr.open_zarr(staging, consolidated=True))
     finalize(staging, out)
     steps = {split: int(sum(b - a for _, a, b in probe.split_ranges(split)[:1]))
@@ -973,7 +994,8 @@ def _open_staging(dataset, out: Path, time_chunk: int, files: list[Path]) -> tup
     except (OSError, ValueError):  # no job record, or one cut short: start afresh
         pass
     new_staging(out)  # marked as dyf's first; mode "a" keeps the marker
-    dataset.to_zarr(staging, mode="a", compute=False, consolidated=False, encoding=encoding_for(dataset, time_chunk))
+    for_writing(dataset).to_zarr(staging, mode="a", compute=False, consolidated=False,
+                                 encoding=encoding_for(dataset, time_chunk))
     marks.mkdir()
     job.write_text(json.dumps({"fingerprint": fingerprint}))
     return staging, marks, False
@@ -994,20 +1016,36 @@ def _write_blocks(dataset, staging: Path, marks: Path, step_files: list[Path], c
                   train: tuple[int, int] | None) -> tuple[int, list[tuple[int, int]], dict | None]:
     """Write the time blocks without a marker. Returns how many were written, the (start, stop) of those
     skipped, and the moments (`_moments`) per field of the training steps `train` in the blocks written
-    (None when none, or `train` is None)."""
+    (None when none, or `train` is None).
+
+    The next block is read from the files on a helper thread while this one is checked and written (file
+    decoding and chunk writes each leave a core idle otherwise). SIGTERM/SIGUSR1 (a batch system's
+    pre-emption) stop after the current block with exit 75: the same command resumes from the markers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     bounds = np.cumsum((0, *dataset.chunks["time"]))
     blocks = [(index, int(a), int(b)) for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     todo = [block for block in blocks if not (marks / f"block-{block[0]:06d}").exists()]
     arrays = _staged_arrays(staging, dataset.attrs["dyf_fields"])
     moments = None
-    with progress("prepare netcdf: writing", len(todo), "blocks") as bar:
-        for index, start, stop in todo:
+    with stop_signals("stopping after the current time block") as stop_requested, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyf-netcdf-reader") as reader, \
+            progress("prepare netcdf: writing", len(todo), "blocks") as bar:
+        pending = reader.submit(_read_block, dataset, *todo[0][1:], client) if todo else None
+        for position, (index, start, stop) in enumerate(todo):
+            values = pending.result()
+            if position + 1 < len(todo):
+                pending = reader.submit(_read_block, dataset, *todo[position + 1][1:], client)
             overlap = None if train is None else (max(start, train[0]), min(stop, train[1]))
-            part = _write_block(dataset, arrays, start, stop, step_files, client, overlap)
+            part = _write_block(dataset, values, arrays, start, stop, step_files, overlap)
             moments = _sum_moments(moments, part)
             (marks / f"block-{index:06d}").touch()
             fault_point("netcdf.block_written")
             bar.advance(1)
+            if stop_requested():
+                raise Interrupted(f"stopped by {stop_requested.signal_name} after writing {position + 1} of "
+                                  f"{len(todo)} time blocks; re-run the same `dyf prepare netcdf` command to "
+                                  "write the rest")
     return len(todo), [block[1:] for block in blocks if block not in todo], moments
 
 
@@ -1019,37 +1057,56 @@ def _sum_moments(total: dict | None, part: dict | None) -> dict | None:
 
 
 def _staged_arrays(staging: Path, fields: list[str]) -> dict:
-    """The template's field arrays, opened once: a region write through xarray re-reads the whole store's
-    metadata each time (about 0.1 s a block)."""
+    """The template's field arrays, opened once (a region write through xarray re-reads the whole store's
+    metadata each time, about 0.1 s a block), as writers of their chunk files (`chunks.chunk_writer`)."""
     import zarr
 
-    return {name: zarr.open_array(store=str(staging), path=name, mode="r+") for name in fields}
+    return {name: chunk_writer(zarr.open_array(store=str(staging), path=name, mode="r+")) for name in fields}
 
 
-def _write_block(dataset, arrays: dict, start: int, stop: int, step_files: list[Path], client,
-                 train: tuple[int, int] | None) -> dict | None:
-    """Time steps `start:stop` of every field into the staging store's `arrays`, refused if they hold ±inf.
-    Returns the moments per field of the steps in `train` (a range inside the block; None or empty: None).
-
-    Raw float32 values go straight into the Zarr arrays: the template has no CF encoding to apply (NaN is
-    the fill value), and blocks are whole store chunks, so writers never share a chunk."""
+def _read_block(dataset, start: int, stop: int, client) -> list[np.ndarray]:
+    """Time steps `start:stop` of every field, `(series, time, y, x)` numpy arrays, read from the files in
+    one Dask computation (on `client`, or local threads): a block fits in memory (BLOCK_BYTES)."""
     import dask
-    import dask.array
 
+    block = dataset[dataset.attrs["dyf_fields"]].isel(time=slice(start, stop))
+    return list(dask.compute(*[variable.data for variable in block.data_vars.values()],
+                             **({"scheduler": client} if client is not None else {})))
+
+
+def _write_block(dataset, values: list[np.ndarray], arrays: dict, start: int, stop: int,
+                 step_files: list[Path], train: tuple[int, int] | None) -> dict | None:
+    """The block `values` (`_read_block`: steps `start:stop` of every field) into the staging store's
+    `arrays`, refused if they hold ±inf. Returns the moments per field of the steps in `train` (a range
+    inside the block; None or empty: None).
+
+    Checked, summed and written as numpy arrays: building the same work as Dask graphs cost more than doing
+    it (benchmarks/prepare_netcdf.py). Raw float32 values go straight into the chunk files: the template
+    has no CF encoding to apply (NaN is the fill value)."""
     fields = dataset.attrs["dyf_fields"]
-    block = dataset[fields].isel(time=slice(start, stop))
-    writer = dask.array.store([block[name].data for name in fields], [arrays[name] for name in fields],
-                              regions=[(slice(None), slice(start, stop))] * len(fields), lock=False,
-                              compute=False)
-    infinite = {name: np.isinf(block[name]).sum(("y", "x")) for name in fields}  # (series, time) counts
     in_train = train is not None and train[0] < train[1]
-    moments = {name: _moments(block[name].isel(time=slice(train[0] - start, train[1] - start)))
-               for name in fields} if in_train else None
-    _, infinite, moments = dask.compute(writer, infinite, moments,
-                                        **({"scheduler": client} if client is not None else {}))
-    for name in fields:
-        refuse_infinite(block[name], infinite[name].values, step_files[start:stop])
+    moments = {} if in_train else None
+    for name, data in zip(fields, values):
+        infinite = np.isinf(data).sum(axis=(2, 3))  # (series, time) counts
+        if infinite.any():
+            refuse_infinite(dataset[name].isel(time=slice(start, stop)).copy(data=data), infinite,
+                            step_files[start:stop])
+        if in_train:
+            moments[name] = _array_moments(data[:, train[0] - start:train[1] - start])
+        arrays[name][:, start:stop] = data
     return moments
+
+
+def _array_moments(values: np.ndarray) -> tuple:
+    """`_moments` of a numpy block `(series, time, y, x)`, the same sums in the same order without
+    xarray's per-call overhead: count, sum, sum of squares over time, float64 DataArrays `(series, y, x)`."""
+    import xarray as xr
+
+    values = values.astype(np.float64)
+    missing = np.isnan(values)
+    values[missing] = 0.0
+    sums = ((~missing).sum(axis=1), values.sum(axis=1), np.square(values).sum(axis=1))
+    return tuple(xr.DataArray(part, dims=("series", "y", "x")) for part in sums)
 
 
 def _training_statistics(staged, dataset, train: tuple[int, int], normalization: str, client,

@@ -432,8 +432,15 @@ def training_statistics(trajectories: Trajectories) -> dict[str, tuple[float, fl
     return {name: (float(mean[c]), float(std[c])) for c, name in enumerate(fields)}
 
 
-def to_dataset(trajectories: Trajectories, stats: dict[str, tuple[float, float]]):
-    """The data store as a lazy xarray Dataset (frames are loaded per series when written)."""
+NORMALIZATIONS = ("global", "none")  # `dyf prepare navier-stokes|spring-mesh --normalization`
+
+
+def to_dataset(trajectories: Trajectories, stats: dict[str, tuple[float, float]], normalization: str = "global"):
+    """The data store as a lazy xarray Dataset (frames are loaded per series when written).
+
+    `normalization`: `global` (z-scores per field with the training statistics) or `none` (raw units, as
+    the official code trains these systems; the statistics are still stored for climatology and inspection).
+    """
     import dask
     import dask.array as da
     import xarray as xr
@@ -466,7 +473,7 @@ def to_dataset(trajectories: Trajectories, stats: dict[str, tuple[float, float]]
     ds.attrs.update({
         "dyf_fields": list(system.fields),
         "dyf_splits": {name: {"series": ids} for name, ids in series.items()},
-        "dyf_normalization": "global",
+        "dyf_normalization": normalization,
         "dyf_time_step": float(trajectories.time_step),
         "dyf_boundary": trajectories.boundary,
         "dyf_system": system.name,
@@ -481,13 +488,13 @@ def _axis_name(system: System, axis: str) -> str:
     return f"node {axis} position (channel {'height' if axis == 'y' else 'length'} coordinate)"
 
 
-def write_trajectories(trajectories: Trajectories, out: Path, overwrite: bool) -> dict:
+def write_trajectories(trajectories: Trajectories, out: Path, overwrite: bool, normalization: str = "global") -> dict:
     """Compute training statistics, write the store atomically, and return a summary."""
     from dyfcli.store import write_store
 
     started = time.monotonic()
     stats = training_statistics(trajectories)
-    ds = to_dataset(trajectories, stats)
+    ds = to_dataset(trajectories, stats, normalization)
     write_store(ds, Path(out), overwrite=overwrite, time_chunk=min(trajectories.system.time_chunk,
                                                                      len(trajectories.times)))
     return {
@@ -500,6 +507,7 @@ def write_trajectories(trajectories: Trajectories, out: Path, overwrite: bool) -
         "steps": int(len(trajectories.times)),
         "time_step": float(trajectories.time_step),
         "grid": [int(trajectories.mask.shape[1]), int(trajectories.mask.shape[2])],
+        "normalization": normalization,
         "statistics": {name: {"mean": m, "std": s} for name, (m, s) in stats.items()},
         "write_seconds": round(time.monotonic() - started, 2),
     }
@@ -517,6 +525,13 @@ def trajectory_rng(seed: int, split: str, index: int) -> np.random.Generator:
     nested n25 ⊂ n50 ⊂ n100 training sets), and splits never share initial conditions.
     """
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLIT_KEYS[split], int(index))))
+
+
+def check_normalization(normalization: str) -> str:
+    """`--normalization` of the simulated systems: `global` z-scores or `none` (raw units)."""
+    if normalization not in NORMALIZATIONS:
+        raise UsageError(f"--normalization {normalization!r}: choose {' or '.join(NORMALIZATIONS)}")
+    return normalization
 
 
 def check_counts(counts: dict[str, int]) -> dict[str, int]:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dyfcli.attrs import for_writing
 from dyfcli.errors import DataError, UsageError
 from dyfcli.runtime import progress
 from dyfcli.splits import time_splits
@@ -1162,7 +1163,8 @@ def create_store(staging: Path, plan: Plan, attrs: dict) -> None:
     for name in ("stats_mean_sst", "stats_std_sst"):
         if ds[name].dims:
             encoding[name]["chunks"] = (DAYS_OF_YEAR, 1, BOX_SIZE, BOX_SIZE)  # keeps the checksum codec
-    ds.to_zarr(staging, mode="a", compute=False, encoding=encoding, consolidated=False)  # "w" would drop the marker
+    for_writing(ds).to_zarr(staging, mode="a", compute=False, encoding=encoding,
+                            consolidated=False)  # "w" would drop the marker
 
 
 def _fingerprint(plan: Plan, recipe: dict) -> str:

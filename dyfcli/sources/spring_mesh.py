@@ -199,8 +199,9 @@ def simulated_trajectories(counts: dict[str, int], *, seed: int, device: torch.d
 
 def prepare_spring_mesh(out: Path, *, source: Path | None = None, counts: dict[str, int] | None = None,
                         ood: bool = False, seed: int = 0, device: str = "auto", overwrite: bool = False,
-                        snapshots: int = OUTPUT_STEPS, substeps: int = 1) -> dict:
-    """`dyf prepare spring-mesh`: read the nn-benchmark files under `source`, or simulate; write the store.
+                        snapshots: int = OUTPUT_STEPS, substeps: int = 1, normalization: str = "global") -> dict:
+    """`dyf prepare spring-mesh`: read the nn-benchmark files under `source`, or simulate; write the store
+    (`normalization`: `global` z-scores, or `none` for raw units).
 
     With `ood`, an extra split `test_ood` holds as many trajectories as `test` with initial displacements
     of radius 0.35–0.45 (the archive's `_eval-outdist-` folder when reading).
@@ -214,6 +215,7 @@ def prepare_spring_mesh(out: Path, *, source: Path | None = None, counts: dict[s
             raise UsageError(f"--snapshots {snapshots}: choose 2..{OUTPUT_STEPS}")
         if substeps < 1:
             raise UsageError(f"--substeps {substeps}: choose 1 or more")
+        nnbenchmark.check_normalization(normalization)
         if counts:
             counts = nnbenchmark.check_counts(dict(counts))
             if ood:
@@ -228,4 +230,4 @@ def prepare_spring_mesh(out: Path, *, source: Path | None = None, counts: dict[s
             trajectories = simulated_trajectories(counts, seed=seed, device=resolve_device(device),
                                                   snapshots=snapshots, substeps=substeps)
             log.info("simulated %d trajectories in %.1f s", trajectories.count, time.monotonic() - started)
-        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite)
+        return nnbenchmark.write_trajectories(trajectories, Path(out), overwrite, normalization)
