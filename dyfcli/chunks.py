@@ -266,7 +266,7 @@ class ChunkFileWriter:
         self.shape, self.steps = tuple(array.shape), int(array.chunks[1])
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = array.fill_value
-        self.root = Path(array.store.root) / array.path
+        self.root = chunk_file_folder(array)
         self.encode_key = array.metadata.encode_chunk_key
         self.checksum = google_crc32c.value
 
@@ -293,16 +293,30 @@ class ChunkFileWriter:
             handle.write(self.checksum(raw).to_bytes(4, "little"))
 
 
-def chunk_writer(array):
-    """A `ChunkFileWriter` when the array's layout allows it, else the zarr array itself (same indexing)."""
-    from zarr.codecs import BytesCodec, Crc32cCodec
+def chunk_file_folder(array) -> Path | None:
+    """The folder of a field's chunk files when dyf may read or write them directly, else None: a Zarr v3
+    array in a local store, 4-D, chunked `(1, k, Y, X)`, whose codecs start with `bytes` (so neither sharded
+    nor transposed). Its codecs after `bytes` are the caller's to check (`data.chunk_reader`, `chunk_writer`)."""
+    from zarr.codecs import BytesCodec
 
     metadata = array.metadata
     codecs = list(getattr(metadata, "codecs", None) or [])
-    plain = (getattr(metadata, "zarr_format", None) == 3 and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
-             and getattr(codecs[0].endian, "value", codecs[0].endian) != "big" and isinstance(codecs[1], Crc32cCodec))
-    layout_ok = (array.ndim == 4 and array.shards is None and array.chunks[0] == 1
-                 and tuple(array.chunks[2:]) == tuple(array.shape[2:]))
-    if not (plain and layout_ok and getattr(array.store, "root", None) is not None):
+    root = getattr(array.store, "root", None)
+    if (getattr(metadata, "zarr_format", None) != 3 or not codecs or not isinstance(codecs[0], BytesCodec)
+            or root is None or array.ndim != 4 or array.chunks[0] != 1
+            or tuple(array.chunks[2:]) != tuple(array.shape[2:])):
+        return None
+    return Path(root) / array.path
+
+
+def chunk_writer(array):
+    """A `ChunkFileWriter` when the array's layout allows it (`chunk_file_folder`; codecs exactly `bytes`
+    little-endian, then `crc32c`), else the zarr array itself (same indexing)."""
+    from zarr.codecs import Crc32cCodec
+
+    codecs = list(getattr(array.metadata, "codecs", None) or [])
+    plain = (len(codecs) == 2 and getattr(codecs[0].endian, "value", codecs[0].endian) != "big"
+             and isinstance(codecs[1], Crc32cCodec))
+    if chunk_file_folder(array) is None or not plain:
         return array
     return ChunkFileWriter(array)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dyfcli.errors import ConfigError, DataError, DyfError, UsageError
-from dyfcli.chunks import read_errors
+from dyfcli.chunks import chunk_file_folder, read_errors
 from dyfcli.store import DataStore, open_store
 
 DAYS_IN_LEAP_YEAR = 366
@@ -416,22 +416,20 @@ class _BytesDecoder:
 
 def chunk_reader(array):
     """A `ChunkFileReader` when the array's layout allows it, else the zarr array itself."""
-    decode = _decoder_for(array)
-    root = getattr(array.store, "root", None)
-    layout_ok = (array.ndim == 4 and array.chunks[0] == 1 and tuple(array.chunks[2:]) == tuple(array.shape[2:]))
-    if decode is None or root is None or not layout_ok:
+    folder = chunk_file_folder(array)
+    decode = _decoder_for(array) if folder is not None else None
+    if decode is None:
         return array
-    return ChunkFileReader(array, Path(root) / array.path, decode)
+    return ChunkFileReader(array, folder, decode)
 
 
 def _decoder_for(array) -> _BytesDecoder | None:
+    """The decoder of the codecs after `bytes` of an array `chunks.chunk_file_folder` accepts, or None for a
+    codec dyf does not decode itself (zarr reads it)."""
     import numcodecs
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
-    metadata = array.metadata
-    codecs = list(getattr(metadata, "codecs", None) or [])
-    if getattr(metadata, "zarr_format", None) != 3 or not codecs or not isinstance(codecs[0], BytesCodec):
-        return None  # sharded, transposed or format 2: let zarr read it
+    codecs = list(array.metadata.codecs)
     byte_codecs = []
     for codec in codecs[1:]:
         if isinstance(codec, ZstdCodec):
