@@ -11,6 +11,9 @@ operations per network call and fewer microseconds per call, without a GPU.
 
 Rows of the table (networks of `--preset`, untrained; one store field, no conditioning):
   interpolator call   one MC-dropout interpolator call of `--members` rows, masks from `MemberNoise`
+                      (all masks of the call drawn together: `mc_dropout`'s mask plan, learnt on the first call)
+  interpolator 1-by-1 the same call with each dropout layer drawing its own mask (`batch_masks=False`, as
+                      before mask batching; the masks are bit for bit the same)
   interpolator plain  the same call without MC dropout (the difference is the cost of the masks)
   forecaster call     one forecaster call (its forward conditioning included)
   sampling window     `model.sample_window` of one DYffusion window (all its network calls; per call)
@@ -19,7 +22,8 @@ Rows of the table (networks of `--preset`, untrained; one store field, no condit
 Columns: network calls per measured unit; aten operations (TorchDispatchMode: what reaches the kernels,
 backward included) and torch calls (TorchFunctionMode: Python-level torch functions and tensor methods)
 per network call; microseconds per network call (median of `--repeats` timed units, no mode active) and
-per aten operation.
+per aten operation. Last line: the interpolator call with its MC-dropout masks drawn together against layer
+by layer, timed side by side (alternated pairs: a ratio that holds on a shared machine).
 """
 
 from __future__ import annotations
@@ -82,7 +86,9 @@ class NetworkCalls:
 
 
 def measure(name: str, unit, networks, repeats: int) -> dict:
-    """Operations and time of `unit()` (called untimed once first) per network call."""
+    """Operations and time of `unit()` (called untimed twice first: MC-dropout calls learn their mask plan on
+    the first call with a shape and build its constant vectors on the second) per network call."""
+    unit()
     unit()
     calls = NetworkCalls(networks)
     aten, python = AtenOps(), TorchCalls()
@@ -102,6 +108,14 @@ def measure(name: str, unit, networks, repeats: int) -> dict:
             "top_ops": dict(aten.ops.most_common(8))}
 
 
+def _interpolate_layer_by_layer(model, x, time_in, noise):
+    """`model.interpolate` as before mask batching: each dropout layer hashes its own mask."""
+    from dyfcli.networks import mc_dropout
+
+    with mc_dropout(model.interpolator, noise, batch_masks=False):
+        return model.interpolator(torch.cat([x, x], 1), time_in, None)
+
+
 def sampler_rows(model, members: int, grid: int, repeats: int) -> list[dict]:
     from dyfcli.noise import MemberNoise
 
@@ -114,12 +128,45 @@ def sampler_rows(model, members: int, grid: int, repeats: int) -> list[dict]:
         model.interpolator.eval()
         return [
             measure("interpolator call", lambda: model.interpolate(x, x, time_in, noise.fold(1), None), nets, repeats),
+            measure("interpolator 1-by-1", lambda: _interpolate_layer_by_layer(model, x, time_in, noise.fold(1)), nets,
+                    repeats),
             measure("interpolator plain", lambda: model.interpolator(torch.cat([x, x], 1), time_in, None), nets,
                     repeats),
             measure("forecaster call", lambda: model.forecast(x, time_in, step, x, noise.fold(2), None), nets,
                     repeats),
             measure("sampling window", lambda: model.sample_window(x, None, noise), nets, max(2, repeats // 10)),
         ]
+
+
+def paired_ratio(first, second, pairs: int) -> dict:
+    """Seconds of `first()` over seconds of `second()`, timed alternately (on a shared machine the speed
+    drifts over seconds, so each ratio compares calls made side by side); medians over `pairs` pairs."""
+    first(), second()
+    units = [first, second]
+    times: list[list[float]] = []
+    for index in range(pairs):
+        seconds = [0.0, 0.0]
+        for which in ((0, 1) if index % 2 == 0 else (1, 0)):  # alternate which goes first
+            start = time.perf_counter()
+            units[which]()
+            seconds[which] = time.perf_counter() - start
+        times.append(seconds)
+    return {"ratio": round(statistics.median(a / b for a, b in times), 3),
+            "us_first": round(1e6 * statistics.median(a for a, _ in times), 1),
+            "us_second": round(1e6 * statistics.median(b for _, b in times), 1), "pairs": pairs}
+
+
+def mask_batching(model, members: int, grid: int, pairs: int) -> dict:
+    """One MC-dropout interpolator call with its masks drawn together vs layer by layer, side by side."""
+    from dyfcli.noise import MemberNoise
+
+    x = torch.randn(members, 1, grid, grid)
+    noise = MemberNoise.for_members(0, list(range(members))).fold(1)
+    time_in = torch.full((members,), 1.5)
+    with torch.inference_mode():
+        model.interpolator.eval()
+        return paired_ratio(lambda: model.interpolate(x, x, time_in, noise, None),
+                            lambda: _interpolate_layer_by_layer(model, x, time_in, noise), pairs)
 
 
 def training_rows(config, checkpoint, batch: int, grid: int, repeats: int) -> list[dict]:
@@ -175,6 +222,7 @@ def main() -> None:
         checkpoint = load_checkpoint(make_untrained_checkpoint(store, Path(tmp) / "m.pt", preset=args.preset))
     model = dyffusion_from_checkpoint(checkpoint, torch.device("cpu"))
     rows = sampler_rows(model, args.members, args.grid, args.repeats)
+    masks = mask_batching(model, args.members, args.grid, max(10, 2 * args.repeats))
     rows += training_rows(load_config(args.preset, []), checkpoint, args.batch, args.grid, max(3, args.repeats // 4))
     print(f"preset {args.preset}, grid {args.grid}x{args.grid}, {args.members} member rows, training batch "
           f"{args.batch}, {args.threads} thread(s), torch {torch.__version__}")
@@ -185,9 +233,15 @@ def main() -> None:
               f"{row['torch_calls_per_call']:>17} {row['us_per_call']:>10} {row['us_per_aten_op']:>7}")
     for row in rows:
         print(f"top aten ops, {row['what']}: {row['top_ops']}")
+    ops = {row["what"]: row["aten_ops_per_call"] for row in rows}
+    print(f"MC-dropout masks drawn together: {ops['interpolator call']} aten ops per interpolator call vs "
+          f"{ops['interpolator 1-by-1']} layer by layer ({ops['interpolator plain']} without dropout); time "
+          f"together / layer by layer = {masks['ratio']} ({masks['us_first']} vs {masks['us_second']} us, "
+          f"medians of {masks['pairs']} alternated pairs)")
     if args.json is not None:
         args.json.write_text(json.dumps({"preset": args.preset, "grid": args.grid, "members": args.members,
-                                         "batch": args.batch, "threads": args.threads, "rows": rows}, indent=2))
+                                         "batch": args.batch, "threads": args.threads, "rows": rows,
+                                         "mask_batching": masks}, indent=2))
 
 
 if __name__ == "__main__":

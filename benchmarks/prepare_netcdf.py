@@ -12,7 +12,11 @@ resident memory of each process tree:
 (b) the naive job on the same files and fields: `xr.open_mfdataset(...)` per folder, `xr.merge`, the
     levels picked with `.sel`, `.to_zarr(...)` (no statistics, no checks): in yearly chunks (`naive`, a
     floor for any xarray pipeline) and in the chunks of a dyf store, which training reads window by
-    window (`naive-8`).
+    window (`naive-8`);
+(c) the floors of any job that writes a dyf store from these files: reading the 8 fields from the files
+    with netCDF4 and nothing else (`read`); writing the store's chunk files of 8 steps, raw values and
+    their CRC-32C in zarr's nested layout, with nothing read (`write`); importing the libraries dyf reads
+    and writes with (`imports`). Each is a separate process, like the jobs.
 
     .venv/bin/python benchmarks/prepare_netcdf.py                    # 3 and 10 years
     .venv/bin/python benchmarks/prepare_netcdf.py --years 3,10,20    # more years
@@ -22,7 +26,8 @@ resident memory of each process tree:
 merge or `@LEVEL` syntax: levels then come as separate variables `z500`, ...). The machine may be shared:
 the load average is printed next to every figure, and the speed ratios are given in CPU seconds too.
 For each length the last lines give the ratios and the verdict on issue 9's targets: dyf >= 5x the naive
-job's speed (wall clock, yearly chunks) and peak RSS <= 2 GB.
+job's speed (wall clock, yearly chunks) and peak RSS <= 2 GB, and the floors next to the time the target
+would leave dyf.
 """
 
 from __future__ import annotations
@@ -162,6 +167,57 @@ def naive_job(out: str, single_files: bool, globs: list[str], time_chunk: int) -
     xr.Dataset(picked).chunk({"time": time_chunk}).to_zarr(out, mode="w")  # zarr needs uniform chunks (leap years)
 
 
+def floor_job(kind: str, single_files: bool, out: str, globs: list[str]) -> None:
+    """One floor (run in a subprocess via `--floor-job`): `imports`, `read` (every field's values with
+    netCDF4, decoded, nothing written) or `write` (the chunk files of a dyf store of the same fields and
+    steps under `out`, values not read: zeros)."""
+    import glob
+    import importlib
+    import os
+
+    if kind == "imports":
+        for module in ("dask.array", "netCDF4", "xarray", "zarr"):
+            importlib.import_module(module)
+        return
+    import netCDF4
+
+    def contents(path: str) -> tuple[set[str], int]:
+        """A file's variables and its number of time steps."""
+        with netCDF4.Dataset(path) as ds:
+            return set(ds.variables), ds.dimensions["time"].size
+
+    files = [sorted(glob.glob(pattern)) for pattern in globs]
+    steps = sum(contents(path)[1] for path in files[0])
+    if kind == "read":
+        for name in fields_for(single_files):
+            variable, _, level = name.partition("@")
+            for path in next(group for group in files if variable in contents(group[0])[0]):
+                with netCDF4.Dataset(path) as ds:
+                    levels = list(ds["level"][:]) if level else None
+                    values = ds[variable][:, levels.index(int(level))] if level else ds[variable][:]
+                    np.asarray(values, dtype=np.float32)
+        return
+    import google_crc32c
+
+    raw = np.zeros((STORE_CHUNK, *GRID), dtype="<f4").tobytes()
+    checksum = google_crc32c.value(raw).to_bytes(4, "little")
+    for name in fields_for(single_files):
+        for chunk in range(-(-steps // STORE_CHUNK)):
+            folder = os.path.join(out, name.replace("@", ""), "c", "0", str(chunk), "0")
+            os.makedirs(folder)
+            with open(os.path.join(folder, "0"), "wb") as handle:
+                handle.write(raw + checksum)
+
+
+def floor_line(years: int, ours: dict, naive: dict, floors: dict) -> str:
+    """What a dyf at SPEED_TARGET x the naive job would have, next to the floors measured."""
+    budget = naive["seconds"] / SPEED_TARGET
+    parts = ", ".join(f"{kind} {result['seconds']:.1f} s (CPU {result['cpu_seconds']:.1f} s)"
+                      for kind, result in floors.items())
+    return (f"  {years} years: at {SPEED_TARGET:g}x the naive job dyf would take {budget:.1f} s; floors, each "
+            f"alone: {parts}; dyf took {ours['seconds']:.1f} s (CPU {ours['cpu_seconds']:.1f} s)")
+
+
 def verdict(years: int, ours: dict, naive: dict, naive_small: dict) -> str:
     """The targets of issue 9 item 8 for one archive length: dyf >= SPEED_TARGET x the naive job's speed
     (wall clock, side by side; CPU seconds too, which a shared machine disturbs less) and peak RSS <=
@@ -187,9 +243,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--naive-job", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--naive-chunk", type=int, default=1460, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-job", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_job:
         naive_job(args.naive_job[0], args.single_files, args.naive_job[1:], args.naive_chunk)
+        return
+    if args.floor_job:
+        floor_job(args.floor_job[0], args.single_files, args.floor_job[1], args.floor_job[2:])
         return
     lengths = sorted({int(y) for y in args.years.split(",")})
     if lengths[0] < 3:
@@ -207,11 +267,17 @@ def main() -> None:
                 run_measured([sys.executable, __file__, "--naive-job", str(root / f"naive{years}-{chunk}.zarr"), *globs,
                               "--naive-chunk", str(chunk), *(["--single-files"] if args.single_files else [])],
                              args.timeout) for chunk in (1460, STORE_CHUNK))
-            for job, result in (("dyf", ours), ("naive", naive), (f"naive-{STORE_CHUNK}", naive_small)):
+            floors = {kind: run_measured([sys.executable, __file__, "--floor-job", kind,
+                                          str(root / f"floor{years}-{kind}"), *globs,
+                                          *(["--single-files"] if args.single_files else [])], args.timeout)
+                      for kind in ("read", "write", "imports")}
+            for job, result in (("dyf", ours), ("naive", naive), (f"naive-{STORE_CHUNK}", naive_small),
+                                *floors.items()):
                 status = "" if result["returncode"] == 0 else f"  FAILED {result['stderr_tail']}"
                 print(f"{job:<8}{years:>6}{result['seconds']:>9.1f}{result['cpu_seconds']:>8.1f}"
                       f"{result['peak_rss_gb']:>13.2f}{result['load']:>6.1f}{status}")
             print(verdict(years, ours, naive, naive_small))
+            print(floor_line(years, ours, naive, floors))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -261,14 +261,10 @@ class ChunkFileWriter:
     markers), so a chunk cut short by a kill is rewritten when the job resumes."""
 
     def __init__(self, array):
-        import google_crc32c
-
         self.shape, self.steps = tuple(array.shape), int(array.chunks[1])
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = array.fill_value
-        self.root = chunk_file_folder(array)
-        self.encode_key = array.metadata.encode_chunk_key
-        self.checksum = google_crc32c.value
+        self.files = WholeChunkFiles(array, compressor=None)
 
     def __setitem__(self, key: tuple[slice, slice], values: np.ndarray) -> None:
         series, steps = key
@@ -285,12 +281,7 @@ class ChunkFileWriter:
             padded = np.full((self.steps, *values.shape[1:]), self.fill, dtype=self.dtype)
             padded[:len(values)] = values
             values = padded
-        raw = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
-        path = self.root / self.encode_key((series, chunk, 0, 0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as handle:
-            handle.write(raw)
-            handle.write(self.checksum(raw).to_bytes(4, "little"))
+        self.files.write((series, chunk, 0, 0), values[None])
 
 
 def chunk_file_folder(array) -> Path | None:
@@ -320,3 +311,83 @@ def chunk_writer(array):
     if chunk_file_folder(array) is None or not plain:
         return array
     return ChunkFileWriter(array)
+
+
+class WholeChunkFiles:
+    """`files.write(position, values)`: one whole chunk of a local Zarr v3 array written as its file, byte
+    for byte as zarr writes it (`bytes`, then an optional `zstd`, then `crc32c`), without zarr's async codec
+    pipeline: a forecast block's three chunk writes (two fields and `done`) took 30 ms through zarr on a
+    loaded machine, most of a zero-cost forecast's time per block (benchmarks/sampler_overhead.py).
+
+    `whole_chunk_files(array)` gives one, or None where the array's layout is any other (a remote or
+    sharded store, other codecs): callers then write through zarr. Not atomic per file, as zarr's own
+    writes: callers mark a block done only after its chunks are written."""
+
+    def __init__(self, array, compressor):
+        import google_crc32c
+
+        self.chunk_shape = tuple(int(n) for n in array.chunks)
+        self.dtype = np.dtype(array.dtype).newbyteorder("<") if np.dtype(array.dtype).itemsize > 1 \
+            else np.dtype(array.dtype)
+        self.root = os.path.join(str(array.store.root), array.path) if array.path else str(array.store.root)
+        self.encode_key = array.metadata.encode_chunk_key
+        self.compressor = compressor
+        self.checksum = google_crc32c.value
+        self.folders = {self.root}  # folders known to exist: each made once, with one mkdir
+
+    def write(self, position: tuple[int, ...], values: np.ndarray) -> None:
+        """Write the chunk at chunk-grid `position`; `values` must have the chunk's full shape."""
+        if tuple(values.shape) != self.chunk_shape:
+            raise ValueError(f"a whole chunk is {self.chunk_shape}, got {tuple(values.shape)}")
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        if self.compressor is not None:
+            data = self.compressor.encode(data)
+        path = os.path.join(self.root, self.encode_key(tuple(position)))
+        self._make_folder(os.path.dirname(path))
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:  # os-level calls: a decade of 8 fields is 14 600 files, and Python's buffered files cost more
+            checksum = self.checksum(data).to_bytes(4, "little")
+            done = os.writev(handle, [data, checksum])
+            rest = (data + checksum)[done:] if done < len(data) + 4 else b""
+            while rest:  # a short write (a full disk): finish it, so that the error is raised
+                rest = rest[os.write(handle, rest):]
+        finally:
+            os.close(handle)
+
+    def _make_folder(self, folder: str) -> None:
+        """Make `folder` and its missing parents (zarr's keys nest a folder per chunk index), remembering
+        those made: two `mkdir` calls per chunk of a fresh store instead of a `stat` or failed `mkdir` for
+        every level of every chunk."""
+        parent = os.path.dirname(folder)
+        if folder in self.folders or parent == folder:
+            return
+        self._make_folder(parent)
+        try:
+            os.mkdir(folder)
+        except FileExistsError:  # written by an interrupted run that this one resumes
+            pass
+        self.folders.add(folder)
+
+
+def whole_chunk_files(array) -> WholeChunkFiles | None:
+    """A `WholeChunkFiles` for `array` when its chunks can be written as files (a local, unsharded Zarr v3
+    array with codecs `bytes` (little-endian or none), optionally `zstd`, then `crc32c`), else None."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+    metadata = array.metadata
+    codecs = list(getattr(metadata, "codecs", None) or [])
+    root = getattr(array.store, "root", None)
+    if getattr(metadata, "zarr_format", None) != 3 or root is None or len(codecs) not in (2, 3):
+        return None
+    first, *middle, last = codecs
+    endian = getattr(getattr(first, "endian", None), "value", getattr(first, "endian", None))
+    if not isinstance(first, BytesCodec) or endian == "big" or not isinstance(last, Crc32cCodec):
+        return None
+    compressor = None
+    if middle:
+        if not isinstance(middle[0], ZstdCodec):
+            return None
+        from numcodecs import Zstd
+
+        compressor = Zstd(level=middle[0].level, checksum=middle[0].checksum)
+    return WholeChunkFiles(array, compressor)

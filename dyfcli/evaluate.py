@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class Inputs:
     mask: np.ndarray  # (series, y, x) bool
     forecast_path: Path | None = None
     weights: np.ndarray | None = None  # (series, y, x) float64 area weights, None for `none`
+    block_files: dict | None = None  # {field: BlockFiles} where its blocks are read from the chunk files
 
 
 def open_inputs(forecast_path: Path, truth_path: Path | None, allow_other_truth: bool = False) -> Inputs:
@@ -117,7 +119,8 @@ def open_inputs(forecast_path: Path, truth_path: Path | None, allow_other_truth:
                         "pass the --truth store the forecast was made from")
     time_index, init_index, leads = _match_valid_times(forecast, truth["time"].values, truth_path)
     return Inputs(forecast, truth, truth_path, opened.fields, store.normalization, series_index,
-                  time_index, init_index, leads, mask, Path(forecast_path))
+                  time_index, init_index, leads, mask, Path(forecast_path),
+                  block_files=_block_files(Path(forecast_path), opened.fields))
 
 
 def _fields_without_dask(ds, path: Path, fields: list[str]):
@@ -312,8 +315,12 @@ def read_block(inputs: Inputs, field: str, series: int, init: int, standardized:
 
     leads = inputs.leads
     truth_series = inputs.series_index[series]
+    files = (inputs.block_files or {}).get(field)
     with read_errors(inputs.forecast_path, f"{field!r} of series {series}, init {init}", FIX):
-        ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)
+        if files is not None:
+            ensemble = files.read(series, init)
+        else:
+            ensemble = np.asarray(inputs.forecast[field][series, init].values, dtype=np.float32)
     if leads.size < ensemble.shape[1]:  # a copy only where leads beyond the truth are dropped
         ensemble = ensemble[:, leads]
     mask = inputs.mask[series]
@@ -352,6 +359,117 @@ def _inverse_std(inputs: Inputs, field: str, truth_series: int, times: np.ndarra
     return (1.0 / np.where(std == 0, np.float32(1), std)).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------------------------- block files
+
+_THREAD = threading.local()  # each reading thread's buffer for the bytes of a chunk file
+CRC32C_RESIDUE = 0x48674BC7  # the CRC-32C of any bytes followed by their own little-endian CRC-32C
+ZSTD_MAGIC = 0xFD2FB528
+
+
+@dataclass(frozen=True)
+class BlockFiles:
+    """`files.read(series, init)`: one `(series, init)` block of a forecast field, read straight from its
+    chunk file. The file's bytes go into a buffer the reading thread reuses, are checked against their
+    crc32c and zstd-decoded into the block's array: through zarr (async codec pipeline, fresh buffers
+    page-faulted in for every block) a 52 MB block cost 114 ms of CPU instead of 67 (benchmarks/evaluate.py
+    --breakdown; zstd decoding is most of the 67).
+    `_block_files` makes one where the layout allows it, else evaluate reads through xarray. Plain values,
+    so it pickles (Dask tasks)."""
+
+    folder: Path
+    shape: tuple[int, ...]  # one block: (member, lead, y, x)
+    keys: object  # the array's chunk key encoding: chunk grid position -> file path in `folder`
+    compressed: bool
+
+    def read(self, series: int, init: int) -> np.ndarray:
+        """The block as float32 (M, L, Y, X); ValueError/OSError for a damaged or missing chunk file."""
+        import google_crc32c
+
+        raw = _file_bytes(self.folder / self.keys.encode_chunk_key((series, init, 0, 0, 0, 0)))
+        if raw.size < 4 or google_crc32c.value(raw) != CRC32C_RESIDUE:
+            raise ValueError("stored and computed crc32c checksums do not match")
+        block = np.empty(self.shape, np.float32)
+        _decode_into(raw[:-4], block, self.compressed)
+        return block
+
+
+def _decode_into(payload: np.ndarray, block: np.ndarray, compressed: bool) -> None:
+    """Fill `block` with a chunk's bytes after its checksum (zstd-compressed or raw); ValueError where they
+    do not make exactly one block (decoding into a block checks only that the data fits)."""
+    from numcodecs import Zstd
+
+    size = _zstd_content_size(payload) if compressed else payload.size
+    if compressed and size < 0:  # a frame that does not declare its size (zarr's do): decode, then check
+        payload, compressed = np.frombuffer(Zstd().decode(payload), np.uint8), False
+        size = payload.size
+    if size != block.nbytes:
+        raise ValueError(f"the chunk decodes to {size} bytes, a block is {block.nbytes}")
+    if compressed:
+        Zstd().decode(payload, out=block)  # releases the GIL: worker threads decode side by side
+    else:
+        block.reshape(-1).view(np.uint8)[:] = payload
+
+
+def _block_files(forecast_path: Path, fields: list[str]) -> dict[str, BlockFiles]:
+    """{field: BlockFiles} for the fields whose blocks can be read from their files: a local, unsharded
+    Zarr v3 float32 array with one chunk per block and codecs `bytes` (little-endian), optionally `zstd`,
+    then `crc32c` (what `forecast_store` writes). Each array's own zarr.json is read (damage: DataError)."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+    from dyfcli.chunks import open_array, read_errors
+    from dyfcli.forecast_store import FIX
+
+    files = {}
+    for name in fields:
+        with read_errors(forecast_path, repr(name), FIX):
+            array = open_array(forecast_path, name)
+        metadata = array.metadata
+        codecs = list(getattr(metadata, "codecs", None) or [])
+        names = [type(codec) for codec in codecs]
+        endian = getattr(getattr(codecs[0], "endian", None), "value", None) if codecs else None
+        if (getattr(metadata, "zarr_format", None) != 3 or getattr(array.store, "root", None) is None
+                or array.shards is not None or np.dtype(array.dtype) != np.float32 or endian != "little"
+                or tuple(array.chunks) != (1, 1, *array.shape[2:])
+                or names not in ([BytesCodec, Crc32cCodec], [BytesCodec, ZstdCodec, Crc32cCodec])):
+            log.debug("%s: %r is read through zarr (layout %s, codecs %s)", forecast_path, name, array.chunks, names)
+            continue
+        files[name] = BlockFiles(Path(array.store.root) / array.path, tuple(array.shape[2:]),
+                                 metadata.chunk_key_encoding, ZstdCodec in names)
+    return files
+
+
+def _file_bytes(path: Path) -> np.ndarray:
+    """The bytes of the file at `path` as uint8, in this thread's buffer (valid until its next call here):
+    reused, so a 50 MB chunk is not page-faulted into fresh memory every time (a third of its read)."""
+    with open(path, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        buffer = getattr(_THREAD, "buffer", None)
+        if buffer is None or buffer.size < size:
+            buffer = _THREAD.buffer = np.empty(size, np.uint8)
+        done = 0
+        while done < size:
+            count = handle.readinto(buffer[done:size])
+            if not count:
+                raise ValueError(f"the file ended after {done} of {size} bytes")
+            done += count
+    return buffer[:size]
+
+
+def _zstd_content_size(frame: np.ndarray) -> int:
+    """The decompressed size a zstd frame header declares (RFC 8878, 3.1.1.1), -1 where it declares none:
+    decoding into a block checks only that the data fits, so a smaller chunk must be refused first."""
+    if frame.size < 6 or int.from_bytes(frame[:4].tobytes(), "little") != ZSTD_MAGIC:
+        return -1
+    descriptor = int(frame[4])
+    single_segment = descriptor >> 5 & 1
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # window descriptor, dictionary id
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if width == 0:
+        return -1
+    value = int.from_bytes(frame[start:start + width].tobytes(), "little")
+    return value + 256 if width == 2 else value
+
+
 def lead_slices(members: int, leads: int, points: int) -> list[slice]:
     """Slices of the lead axis whose float64 working set stays under SLICE_ELEMENTS."""
     per_lead = max(1, members * points)
@@ -365,7 +483,8 @@ SOURCES = ("forecast", *REFERENCES)
 
 
 def score(inputs: Inputs, seed: int = 0, keep_example: bool = False,
-          options: ScoreOptions = ScoreOptions(), device: str = "cpu", ranks=None) -> tuple[dict, dict | None, dict]:
+          options: ScoreOptions = ScoreOptions(), device: str = "cpu", ranks=None,
+          cluster=None) -> tuple[dict, dict | None, dict]:
     """Stream every block into accumulators. Returns (results[source][field or `all`], example block, stats).
 
     `inputs.weights` (set by `resolve_options`) weights the points; `options.units` and `options.ssr` as in
@@ -375,7 +494,10 @@ def score(inputs: Inputs, seed: int = 0, keep_example: bool = False,
 
     `ranks` (`runtime.Ranks`, under torchrun or srun): rank r scores blocks r, r + world, ...; rank 0
     gathers every block's sums and adds them in block order, so its scores equal one process's bit for
-    bit; the other ranks return empty results (their summary is not printed)."""
+    bit; the other ranks return empty results (their summary is not printed).
+
+    `cluster` (`evaluate_cluster.Cluster`, `dyf evaluate --scheduler`): Dask tasks score the blocks and
+    this process adds their sums in block order, as one process does."""
     import time
 
     import torch
@@ -393,23 +515,28 @@ def score(inputs: Inputs, seed: int = 0, keep_example: bool = False,
                                                      weighted=inputs.weights is not None, series=per_series)
                              for field in inputs.fields} for source in SOURCES}
     example = {} if keep_example else None
-    n_bytes, start = 0, time.perf_counter()
+    n_bytes, start, cpu_start = 0, time.perf_counter(), time.process_time()
     keys = [(field, series, init) for series in range(n_series) for init in range(n_init) for field in inputs.fields]
     standardized = options.units == "standardized"
-    with progress("evaluate", len(keys[ranks.rank::ranks.world]) // len(inputs.fields), "blocks") as bar:
-        mine = {}  # several ranks: {key number: sums} kept for rank 0; one process adds them at once
-        work = lambda key: _scored_block(inputs, *key, standardized, device)  # noqa: E731
-        for number, (block, parts) in zip(range(ranks.rank, len(keys), ranks.world),
-                                          _in_order(work, keys[ranks.rank::ranks.world], SCORE_WORKERS)):
-            n_bytes += block.ensemble.nbytes
-            if ranks.world == 1:
-                _accumulate(accumulators, block.field, block.series, parts)
-            else:
-                mine[number] = parts
-            if example is not None and block.series == 0 and block.init == 0:
-                example[block.field] = block
-            if block.field == inputs.fields[-1]:
-                bar.advance(1)
+    if cluster is not None:  # the example blocks are read below
+        for number, parts, block_bytes in cluster.scored(inputs, keys, options, device):
+            n_bytes += block_bytes
+            _accumulate(accumulators, keys[number][0], keys[number][1], parts)
+    else:
+        with progress("evaluate", len(keys[ranks.rank::ranks.world]) // len(inputs.fields), "blocks") as bar:
+            mine = {}  # several ranks: {key number: sums} kept for rank 0; one process adds them at once
+            work = lambda key: _scored_block(inputs, *key, standardized, device)  # noqa: E731
+            for number, (block, parts) in zip(range(ranks.rank, len(keys), ranks.world),
+                                              _in_order(work, keys[ranks.rank::ranks.world], SCORE_WORKERS)):
+                n_bytes += block.ensemble.nbytes
+                if ranks.world == 1:
+                    _accumulate(accumulators, block.field, block.series, parts)
+                else:
+                    mine[number] = parts
+                if example is not None and block.series == 0 and block.init == 0:
+                    example[block.field] = block
+                if block.field == inputs.fields[-1]:
+                    bar.advance(1)
     if ranks.world > 1:
         every, n_bytes = _gather_on_first(ranks, mine, n_bytes)  # {key number: sums} of every rank, on rank 0
         for number in sorted(every):  # block order, whichever rank scored it: the same sums in the same order
@@ -423,8 +550,21 @@ def score(inputs: Inputs, seed: int = 0, keep_example: bool = False,
     for source, per_field in accumulators.items():
         results[source][ALL_FIELDS] = _pooled(per_field.values()).result()
     elapsed = time.perf_counter() - start
-    stats = {"blocks": n_series * n_init, "bytes_read": n_bytes, "seconds": elapsed, "members": members}
+    stats = {"blocks": n_series * n_init, "bytes_read": n_bytes, "seconds": elapsed, "members": members,
+             "cpu_seconds": time.process_time() - cpu_start}  # all threads of this process
     return results, example, stats
+
+
+def scored_sums(inputs: Inputs, keys: list[tuple[str, int, int]], standardized: bool,
+                device: str = "cpu") -> list[tuple[list, int]]:
+    """For each `(field, series, init)` key, in order: the sums it adds to the accumulators (`_scored_block`'s
+    parts) and the bytes of forecast it read. A task of `dyf evaluate --scheduler` returns these: sums, not
+    data; the caller adds them in block order (`_accumulate`)."""
+    sums = []
+    for key in keys:
+        block, parts = _scored_block(inputs, *key, standardized, device)
+        sums.append((parts, block.ensemble.nbytes))
+    return sums
 
 
 def _gather_on_first(ranks, mine: dict, n_bytes: int) -> tuple[dict, int]:
@@ -780,36 +920,67 @@ def _claim_scores(out: Path | None, overwrite: bool, inputs: list):
 
 def evaluate(forecast_path: Path, truth_path: Path | None = None, out: Path | None = None,
              plots: Path | None = None, seed: int = 0, *, overwrite: bool = False,
-             allow_other_truth: bool = False, options: ScoreOptions = ScoreOptions(), device: str = "cpu") -> dict:
+             allow_other_truth: bool = False, options: ScoreOptions = ScoreOptions(), device: str = "cpu",
+             scheduler: str | None = None) -> dict:
     """Score `forecast_path` against its data store; write `out` (replacing only dyf scores, with
-    `overwrite`) and `plots` when given; return the summary. `device`: auto|cpu|cuda[:N] for the kernels."""
+    `overwrite`) and `plots` when given; return the summary. `device`: auto|cpu|cuda[:N] for the kernels.
+    `scheduler`: a Dask scheduler address (default: env DASK_SCHEDULER_ADDRESS) whose workers score the
+    blocks (`evaluate_cluster`)."""
     from dyfcli.runtime import resolve_device
 
+    from dyfcli.cluster import connected
     from dyfcli.runtime import distributed
 
     options.check()
+    address = _scheduler_alone(scheduler)
     device = str(resolve_device(device))
     given = [forecast_path, truth_path or _recorded_truth(Path(forecast_path))]
     check_outputs(out, plots, given)
     with distributed(backend="gloo") as ranks:  # gathers only: gloo, whatever the device
         if not ranks.is_main:  # rank 0 alone writes
             out = plots = None
-        with _claim_scores(out, overwrite, given):
+        with _claim_scores(out, overwrite, given), connected(address) as client:
+            cluster = _cluster(client, address, allow_other_truth)
             summary = _evaluate(forecast_path, truth_path, out, plots, seed, allow_other_truth, options, device,
-                                ranks)
+                                ranks, cluster)
     if ranks.world > 1:
         summary.update(rank=ranks.rank, ranks=ranks.world)
+    if cluster is not None:
+        summary.update(scheduler=address)
     return summary
+
+
+def _scheduler_alone(scheduler: str | None) -> str | None:
+    """The Dask scheduler address (--scheduler, else env DASK_SCHEDULER_ADDRESS), or None; UsageError under
+    torchrun/srun ranks, which would each send every block to the cluster."""
+    from dyfcli.cluster import SCHEDULER_ENV, scheduler_address
+    from dyfcli.runtime import launch_environment
+
+    address = scheduler_address(scheduler)
+    if address is not None and launch_environment() is not None:
+        given = f"--scheduler {address}" if scheduler else f"{SCHEDULER_ENV}={address}"
+        raise UsageError(f"{given} cannot be combined with torchrun/srun ranks: run one `dyf evaluate` process "
+                         f"with --scheduler, or ranks without a scheduler (unset {SCHEDULER_ENV})")
+    return address
+
+
+def _cluster(client, address: str | None, allow_other_truth: bool):
+    """An `evaluate_cluster.Cluster` for a connected client, else None."""
+    if client is None:
+        return None
+    from dyfcli.evaluate_cluster import Cluster
+
+    return Cluster(client, address, allow_other_truth)
 
 
 def _evaluate(forecast_path: Path, truth_path: Path | None, out: Path | None, plots: Path | None,
               seed: int, allow_other_truth: bool = False, options: ScoreOptions = ScoreOptions(),
-              device: str = "cpu", ranks=None) -> dict:
+              device: str = "cpu", ranks=None, cluster=None) -> dict:
     inputs = open_inputs(Path(forecast_path), Path(truth_path) if truth_path else None, allow_other_truth)
     check_outputs(out, plots, [inputs.truth_path])  # the data store the forecast names
     options = resolve_options(inputs, options)
     results, example, stats = score(inputs, seed=seed, keep_example=plots is not None, options=options,
-                                    device=device, ranks=ranks)
+                                    device=device, ranks=ranks, cluster=cluster)
     leads, lead_times, unit = lead_axis(inputs)
     references = {source: scores_json(results[source], inputs.fields) for source in REFERENCES}
     summary = {
@@ -827,7 +998,8 @@ def _evaluate(forecast_path: Path, truth_path: Path | None, out: Path | None, pl
                      "rank_histogram": rank_histogram_json(results["forecast"][ALL_FIELDS])},
         "throughput": {"seconds": round(stats["seconds"], 3), "bytes_read": stats["bytes_read"],
                        "gb_per_s": stats["bytes_read"] / 1e9 / max(stats["seconds"], 1e-9),
-                       "blocks_per_s": stats["blocks"] / max(stats["seconds"], 1e-9)},
+                       "blocks_per_s": stats["blocks"] / max(stats["seconds"], 1e-9),
+                       "cpu_seconds": round(stats["cpu_seconds"], 3)},
     }
     if out is not None:
         dataset = scores_dataset(results, inputs, {"forecast": forecast_path, "truth": inputs.truth_path,

@@ -34,7 +34,7 @@ from dyfcli.attrs import decode, decoded, encode, for_writing
 from dyfcli.errors import DataError
 from dyfcli.runtime import fault_point
 from dyfcli.chunks import (check_chunks, checksummed, load_small_arrays, missing_chunks, open_array, read_errors,
-                           verify_chunks)
+                           verify_chunks, whole_chunk_files)
 
 # Consolidated metadata on purpose (one read instead of one per array), as the data store does.
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
@@ -169,6 +169,7 @@ class BlockWriter:
         with read_errors(self.path, "its metadata", FIX):
             self._group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
             self.fields = list(decode(self._group.attrs.asdict())["dyf_fields"])
+        self._targets = None  # [(array, chunk files or None)] of the fields and `done`, on the first write
 
     def done(self) -> np.ndarray:
         """`(series, init)` bool: which blocks are already written.
@@ -186,11 +187,31 @@ class BlockWriter:
         return done
 
     def write(self, series_position: int, init_position: int, block: np.ndarray) -> None:
-        """Write one block `(member, lead, channel, y, x)` float32, physical units, then mark it done."""
-        for channel, name in enumerate(self.fields):
-            self._group[name][series_position, init_position] = block[:, :, channel].astype(np.float32)
+        """Write one block `(member, lead, channel, y, x)` float32, physical units, then mark it done.
+
+        A block is one chunk of every field (`_dataset`), so its chunk files are written directly where
+        the store allows it (`chunks.whole_chunk_files`, the same bytes as zarr writes), else through zarr."""
+        if self._targets is None:
+            self._targets = [self._target(name) for name in (*self.fields, "done")]
+        *fields, done = self._targets
+        for channel, (array, files) in enumerate(fields):
+            values = block[:, :, channel].astype(np.float32)
+            if files is None:
+                array[series_position, init_position] = values
+            else:
+                files.write((series_position, init_position, 0, 0, 0, 0), values[None, None])
         # Marked after the data so a crash between the two re-computes the block instead of losing it.
-        self._group["done"][series_position, init_position] = True
+        array, files = done
+        if files is None:
+            array[series_position, init_position] = True
+        else:
+            files.write((series_position, init_position), np.ones((1, 1), dtype=bool))
+
+    def _target(self, name: str) -> tuple:
+        """(zarr array, its `WholeChunkFiles` or None), opened once per writer."""
+        with read_errors(self.path, f"the metadata of {name!r}", FIX):
+            array = self._group[name]
+        return array, whole_chunk_files(array)
 
 
 class BackgroundWriter:

@@ -30,7 +30,8 @@ Dropout: every dropout of the paper is a `MemberDropout`. Outside `mc_dropout` i
 `nn.Dropout` (on when the module is training). Inside `with mc_dropout(net, noise):` every dropout layer is
 on whatever the train/eval mode of the other layers (BatchNorm keeps using its running statistics in eval
 mode), and with a `MemberNoise` the mask of batch row b depends only on row b's key and the layer: a
-member gets the same masks alone or in any batch, on any device.
+member gets the same masks alone or in any batch, on any device. An eager call draws all its masks with one
+hash (a mask plan learnt on the first call with the same input shape), the same masks as layer by layer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyfcli.noise import MemberNoise
+from dyfcli.noise import KeepBatch, MemberNoise
 
 KINDS = ("unet", "unet-ns", "cnn")
 
@@ -71,6 +72,7 @@ class MemberDropout(nn.Module):
         self.layer_id = -1
         self.forced_on = False  # set by mc_dropout
         self.noise: MemberNoise | None = None  # set by mc_dropout
+        self.masks: _ContextMasks | None = None  # set by mc_dropout: the masks of a call drawn at once
 
     def extra_repr(self) -> str:
         return f"p={self.p}, layer_id={self.layer_id}"
@@ -89,6 +91,10 @@ class MemberDropout(nn.Module):
         if len(self.noise) != x.shape[0]:
             raise ValueError(f"MC-dropout noise has {len(self.noise)} rows but the batch has {x.shape[0]}; "
                              "pass one MemberNoise row per batch row")
+        # Compiled graphs fuse each layer's hash into its own kernels: drawing masks together is for eager
+        # calls (and the compiler never looks at `masks`, a new object per context, so it never recompiles).
+        if not torch.compiler.is_compiling() and self.masks is not None:
+            return self.masks.scaled_mask(self.layer_id, self.p, x)
         keep = self.noise.fold(self.layer_id).bernoulli_keep(tuple(x.shape[1:]), self.p)
         return keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
@@ -109,8 +115,113 @@ def _dropout_layers(net: nn.Module) -> list[MemberDropout]:
     return layers
 
 
+# A mask is a pure function of the context's noise and this key: (layer_id, p, input shape with batch, dtype).
+_MaskKey = tuple[int, float, tuple[int, ...], torch.dtype]
+
+# Masks drawn together use at most this many 64-bit words (B x words per row): int64 temporaries of 32 MiB
+# and masks of 64 MiB on a CPU, where only tiny grids are launch-bound and all their masks fit; 4x that on
+# an accelerator, where a 50-member SST call (56M words) then takes about four draws instead of 37.
+_SEGMENT_WORDS = {"cpu": 1 << 22}
+_ACCELERATOR_SEGMENT_WORDS = 1 << 24
+_MAX_SEGMENTS = 64  # per network: a few input shapes' worth; the oldest are forgotten first
+
+
+class _MaskSegment:
+    """Consecutive masks of a network call, of one dtype, drawn together: one `KeepBatch`, one cast and one
+    scaling by 1/(1-p) for all of them (the scale of each column made by the very operation a lone mask uses,
+    so the masks are the same bit for bit), then one view each."""
+
+    def __init__(self, keys: list[_MaskKey]):
+        self.keys = tuple(keys)
+        self.dtype = keys[0][3]
+        self.batch = KeepBatch([(layer_id, shape[1:], p) for layer_id, p, shape, _ in keys])
+        self._scales_on: dict[torch.device, torch.Tensor] = {}
+
+    def draw(self, noise: MemberNoise) -> dict[_MaskKey, torch.Tensor]:
+        device = noise.keys.device
+        scales = self._scales_on.get(device)
+        if scales is None:
+            with torch.inference_mode(False):
+                scales = self._scales_on[device] = torch.cat([
+                    torch.ones(4 * words, dtype=self.dtype, device=device).mul_(1.0 / (1.0 - p))
+                    for (_, p, _, _), words in zip(self.keys, self.batch.words)])
+        scaled = self.batch.draw(noise).to(self.dtype).mul_(scales)
+        return dict(zip(self.keys, self.batch.split(scaled)))
+
+
+class _MaskPlan:
+    """What one network's MC-dropout calls draw, learnt from the calls seen (the shapes are only known
+    during the forward pass): segments of consecutive masks, each keyed by the mask that starts it.
+
+    When a layer finds no mask ready and its key starts a segment, the whole segment is drawn at once;
+    a layer whose input differs from what was learnt finds no mask ready and no segment, so it draws its
+    own mask as before, and the masks so drawn are learnt in turn. Every mask is the same either way.
+    """
+
+    def __init__(self):
+        self.segments: dict[_MaskKey, _MaskSegment] = {}
+
+    def learn(self, keys: list[_MaskKey], device: torch.device) -> None:
+        """Split the masks of a call (in call order) into segments of one dtype within `_SEGMENT_WORDS`."""
+        budget = _SEGMENT_WORDS.get(device.type, _ACCELERATOR_SEGMENT_WORDS)
+        segment: list[_MaskKey] = []
+        words = 0
+        for key in keys:
+            key_words = key[2][0] * -(-math.prod(key[2][1:]) // 4)
+            if segment and (words + key_words > budget or key[3] != segment[0][3]):
+                self._add(segment)
+                segment, words = [], 0
+            segment.append(key)
+            words += key_words
+        if segment:
+            self._add(segment)
+
+    def _add(self, keys: list[_MaskKey]) -> None:
+        self.segments.pop(keys[0], None)  # re-inserted last: the newest are kept
+        self.segments[keys[0]] = _MaskSegment(keys)
+        while len(self.segments) > _MAX_SEGMENTS:
+            del self.segments[next(iter(self.segments))]
+
+
+class _ContextMasks:
+    """The masks of one `mc_dropout` context: drawn a segment at a time as its plan says, each handed out
+    once (so at most about one call's masks are held), and the masks drawn alone recorded for the plan."""
+
+    def __init__(self, noise: MemberNoise, plan: _MaskPlan):
+        self.noise = noise
+        self.plan = plan
+        self.ready: dict[_MaskKey, torch.Tensor] = {}
+        self.recorded: list[_MaskKey] = []
+
+    def scaled_mask(self, layer_id: int, p: float, x: torch.Tensor) -> torch.Tensor:
+        """`noise.fold(layer_id).bernoulli_keep(x.shape[1:], p).to(x.dtype).mul_(1 / (1 - p))`, bit for bit."""
+        key = (layer_id, p, tuple(x.shape), x.dtype)
+        mask = self.ready.pop(key, None)
+        if mask is not None:
+            return mask
+        if key in self.recorded:  # a second network call in this context: the first one is complete
+            self.finish()
+        segment = self.plan.segments.get(key)
+        if segment is not None:
+            self.ready.update(segment.draw(self.noise))
+            return self.ready.pop(key)
+        if KeepBatch.keeps_any(p):
+            self.recorded.append(key)
+        keep = self.noise.fold(layer_id).bernoulli_keep(tuple(x.shape[1:]), p)
+        return keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+    def finish(self) -> None:
+        """Teach the plan the masks drawn alone so far."""
+        if self.recorded:
+            self.plan.learn(self.recorded, self.noise.keys.device)
+            self.recorded = []
+
+
+_MASK_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
-def mc_dropout(net: nn.Module, noise: MemberNoise | None) -> Iterator[nn.Module]:
+def mc_dropout(net: nn.Module, noise: MemberNoise | None, *, batch_masks: bool = True) -> Iterator[nn.Module]:
     """Switch every dropout layer of `net` on (MC dropout), leaving the other layers' mode alone.
 
     With `noise` (one key per batch row), row b's mask in layer `l` is
@@ -119,19 +230,30 @@ def mc_dropout(net: nn.Module, noise: MemberNoise | None) -> Iterator[nn.Module]
     needs independent draws per call (e.g. the two interpolator calls of one cold-sampling update)
     passes `noise.fold(call_index)` in a fresh context per call. With `noise=None` masks come from
     torch's global RNG. Contexts nest; the previous state is restored on exit.
+
+    `batch_masks` (eager calls): draw a call's masks together (`_MaskPlan`, learnt on the first call with a
+    given input shape) rather than one layer at a time; the masks are bit for bit the same either way.
     """
     layers = _dropout_layers(net)
+    masks = None
     if noise is not None:
         device = next((p.device for p in net.parameters()), noise.keys.device)
         noise = MemberNoise(noise.keys.to(device))
-    previous = [(layer.forced_on, layer.noise) for layer in layers]
+        if batch_masks:
+            plan = _MASK_PLANS.get(net)
+            if plan is None:
+                plan = _MASK_PLANS[net] = _MaskPlan()
+            masks = _ContextMasks(noise, plan)
+    previous = [(layer.forced_on, layer.noise, layer.masks) for layer in layers]
     for layer in layers:
-        layer.forced_on, layer.noise = True, noise
+        layer.forced_on, layer.noise, layer.masks = True, noise, masks
     try:
         yield net
     finally:
-        for layer, (forced_on, old_noise) in zip(layers, previous):
-            layer.forced_on, layer.noise = forced_on, old_noise
+        for layer, (forced_on, old_noise, old_masks) in zip(layers, previous):
+            layer.forced_on, layer.noise, layer.masks = forced_on, old_noise, old_masks
+        if masks is not None:
+            masks.finish()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class MemberNoise:
         interpolator call).
         """
         count = math.prod(shape)
-        threshold = math.ceil(drop_probability * 2**16) - 2**15
+        threshold = _keep_threshold(drop_probability)
         if threshold >= 2**15:  # p > 1 - 2**-16: nothing is kept (and 2**15 is no int16)
             return torch.zeros((len(self), *shape), dtype=torch.bool, device=self.keys.device)
         draws = self._words(-(-count // 4)).view(torch.int16)[:, :count]  # uniform on [-2**15, 2**15)
@@ -114,3 +114,68 @@ class MemberNoise:
         u2 = self.fold(2).uniform(shape)
         radius = torch.sqrt(-2.0 * torch.log1p(-u1))  # log1p(-u) is finite for u in [0, 1)
         return (radius * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+
+def _keep_threshold(drop_probability: float) -> int:
+    """The int16 draw at and above which an element is kept (2**15, no int16, means nothing is kept)."""
+    return math.ceil(drop_probability * 2**16) - 2**15
+
+
+class KeepBatch:
+    """Several `bernoulli_keep` masks drawn with one hash: `KeepBatch(specs).masks(noise)[i]` equals
+    `noise.fold(salt_i).bernoulli_keep(shape_i, p_i)` bit for bit, `specs` = [(salt, shape, p), ...].
+
+    Why: each mask alone costs about thirty small operations (fold, counter, mix, compare), which on a GPU
+    are thirty kernel launches per dropout layer per network call; masks drawn together cost about thirty in
+    all, plus one view each. Their words form one (B, N) int64 matrix: mask i's words are its folded keys
+    (column i of the (B, L) matrix of all folds, one `_mix`) XOR its own counter 1..n_i, one `_mix` for all,
+    and one comparison with each draw's threshold. The column, counter and threshold vectors depend only on
+    `specs`, so they are built once per device. Every p must keep something (`keeps_any`).
+    """
+
+    def __init__(self, specs: list[tuple[int, tuple[int, ...], float]]):
+        assert specs and all(KeepBatch.keeps_any(p) for _, _, p in specs), specs
+        self.specs = [(int(salt), tuple(shape), float(p)) for salt, shape, p in specs]
+        sizes = [math.prod(shape) for _, shape, _ in self.specs]
+        self.words = [-(-size // 4) for size in sizes]  # mask i: the first size_i of its 4 * words_i columns
+        self._split_sizes = [n for size, words in zip(sizes, self.words) for n in (size, 4 * words - size)]
+        self._vectors_on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    @staticmethod
+    def keeps_any(drop_probability: float) -> bool:
+        """Whether a mask of rate p can keep anything (p <= 1 - 2**-16; `bernoulli_keep` gives zeros otherwise)."""
+        return _keep_threshold(drop_probability) < 2**15
+
+    def words_per_row(self) -> int:
+        """64-bit hashes per batch row: the int64 temporaries of `draw` are B times this."""
+        return sum(self.words)
+
+    def _vectors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(salts (L,), column of each word (N,), counter (N,), threshold of each 16-bit draw (4N,))."""
+        vectors = self._vectors_on.get(device)
+        if vectors is None:
+            with torch.inference_mode(False):  # plain tensors: also usable where autograd records
+                salts = torch.tensor([_wrap((salt + 1) * _GOLDEN) for salt, _, _ in self.specs], dtype=torch.int64)
+                words = torch.tensor(self.words, dtype=torch.int64)
+                column = torch.repeat_interleave(torch.arange(len(self.specs)), words)
+                counter = torch.cat([torch.arange(1, n + 1, dtype=torch.int64) for n in self.words])
+                thresholds = torch.tensor([_keep_threshold(p) for _, _, p in self.specs], dtype=torch.int16)
+                vectors = tuple(v.to(device) for v in (salts, column, counter, thresholds.repeat_interleave(4 * words)))
+            self._vectors_on[device] = vectors
+        return vectors
+
+    def draw(self, noise: MemberNoise) -> torch.Tensor:
+        """All masks side by side, bool (B, 4N): mask i's 4 * words[i] columns follow those of masks < i."""
+        salts, column, counter, thresholds = self._vectors(noise.keys.device)
+        folded = _mix(noise.keys[:, None] + salts)  # (B, L): noise.fold(salt_i).keys for every i at once
+        words = _mix(folded.index_select(1, column).bitwise_xor_(counter))  # (B, N)
+        return words.view(torch.int16) >= thresholds  # four 16-bit draws per word, low half first
+
+    def split(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Views (B, *shape_i) of a (B, 4N) tensor laid out as `draw`'s (e.g. the masks scaled or cast)."""
+        parts = matrix.split_with_sizes(self._split_sizes, dim=1)[::2]  # the odd parts are padding
+        return [part.view(matrix.shape[0], *shape) for part, (_, shape, _) in zip(parts, self.specs)]
+
+    def masks(self, noise: MemberNoise) -> list[torch.Tensor]:
+        """Bool masks (B, *shape_i), equal to `noise.fold(salt_i).bernoulli_keep(shape_i, p_i)`."""
+        return self.split(self.draw(noise))

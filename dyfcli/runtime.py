@@ -406,6 +406,18 @@ class StopRequest:
         return self.signal_name is not None
 
 
+def stop_after_block(stop_requested: StopRequest, written: int, total: int, command: str,
+                     blocks: str = "time blocks") -> None:
+    """Between two blocks of a prepare job that leaves a marker per block written (`prepare netcdf`,
+    `prepare sst`): once a stop signal came, raise Interrupted (exit 75); the same command, re-run, skips
+    the blocks written."""
+    from dyfcli.errors import Interrupted
+
+    if stop_requested():
+        raise Interrupted(f"stopped by {stop_requested.signal_name} after writing {written} of {total} {blocks}; "
+                          f"re-run the same `{command}` command to write the rest")
+
+
 # Set (for the life of the process) by the first stop signal a `stop_signals` block receives: from then on
 # the process is saving its state and exiting, and `stop_signals_outside` ignores further signals instead
 # of cutting that short (a second SIGTERM once exited -15 after the state was saved, not 75).

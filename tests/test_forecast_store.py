@@ -74,6 +74,25 @@ def test_blocks_then_complete_then_open(dated_store, tmp_path):
     assert opened.ds.attrs["dyf_complete"] is True and opened.ds.attrs["dyf_extra"] == 1
 
 
+def test_block_writer_writes_the_chunk_files_zarr_writes(dated_store, tmp_path):
+    """Blocks go straight to their chunk files (chunks.whole_chunk_files), the same bytes as zarr's writes."""
+    import zarr
+
+    block = np.random.default_rng(3).normal(size=(3, 3, 2, 8, 12)).astype(np.float32)
+    for name in ("direct", "zarr"):
+        forecast_store.create(tmp_path / f"{name}.zarr", _layout(dated_store))
+    writer = forecast_store.BlockWriter(tmp_path / "direct.zarr")
+    writer.write(1, 0, block)
+    assert all(files is not None for _, files in writer._targets)  # the direct path was taken
+    group = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="r+")
+    for channel, name in enumerate(writer.fields):
+        group[name][1, 0] = block[:, :, channel]
+    group["done"][1, 0] = True
+    for key in ("u/c/1/0/0/0/0/0", "v/c/1/0/0/0/0/0", "done/c/1/0"):
+        assert (tmp_path / "direct.zarr" / key).read_bytes() == (tmp_path / "zarr.zarr" / key).read_bytes()
+    assert forecast_store.BlockWriter(tmp_path / "direct.zarr").done().tolist() == [[False, False], [True, False]]
+
+
 def test_open_forecast_refuses_other_things(dated_store, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         forecast_store.open_forecast(tmp_path / "none.zarr")

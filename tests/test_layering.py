@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dyfcli"
-WORKFLOWS = {"train", "forecast", "evaluate", "export", "sources"}
+WORKFLOWS = {"train", "forecast", "evaluate", "evaluate_cluster", "export", "sources"}
 MATHS = {"noise", "dyffusion", "metrics", "networks"}
 MATHS_MAY_IMPORT = {"torch", "dyfcli.noise"}
 # metrics scores on the CPU with numpy: np.sort of many short rows (the members of each point) is an order of

@@ -77,14 +77,19 @@ def evaluate_command(
                                  "paper's protocol for trajectories) next to the pooled ssr."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda[:N]: numpy kernels on the CPU, torch on "
                                                         "a GPU (auto: the GPU when there is one)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Address of a Dask distributed scheduler "
+                                         "whose workers score the blocks (default: env DASK_SCHEDULER_ADDRESS; "
+                                         "none: this process). The workers must see the stores at the same "
+                                         "paths (a shared file system) and run the same dyf."),
 ) -> None:
     """Score a forecast: CRPS, fair CRPS, MSE/RMSE, spread, SSR and rank histograms per field and lead time,
     with persistence and climatology as references, and the row `all` pooling every field. Under torchrun
     (`torchrun --nproc-per-node N -m dyfcli evaluate ...`) the ranks share the blocks; the scores are those
-    of one process."""
+    of one process; so are they with `--scheduler ADDRESS`, where Dask workers score the blocks and this
+    process adds their sums."""
     from dyfcli.evaluate import ScoreOptions, evaluate
 
     options = ScoreOptions(weights, units, ssr)
     run_command("evaluate", lambda: evaluate(forecast, truth, out, plots, seed, overwrite=overwrite,
                                              allow_other_truth=allow_other_truth, options=options,
-                                             device=device), render)
+                                             device=device, scheduler=scheduler), render)

@@ -45,13 +45,14 @@ variables as fields `(series, time, y, x)`. Decisions, so users know what they g
 - Variables may come from different files (one folder per variable, split by year): the files holding
   the same variables are concatenated along time, then joined with the others on time and grid, which
   must be equal (a DataError names the files otherwise; nothing is aligned, regridded or filled).
-- Data flow through Dask in blocks of about 16 MB of the source grid (peak memory ~0.6 GB for a
-  720 x 1440 daily file, whatever its length), on local threads or a `distributed` cluster
-  (`--scheduler`). The raw files are read once: the fields are written a time block at a time into a
-  marked staging store, with a marker per block, so an interrupted run re-run with the same command
-  (and unchanged files) skips the blocks written; statistics are then read back from the staged fields.
-  A block is read as numpy arrays (the next one on a helper thread) and checked, summed and written
-  without Dask, its chunk files written directly (`chunks.chunk_writer`). SIGTERM or SIGUSR1 (a batch
+- Data flow in time blocks of about 16 MB of the source grid (peak memory ~0.6 GB for a 720 x 1440
+  daily file, whatever its length), read here or on a `distributed` cluster (`--scheduler`). The raw
+  files are read once: the fields are written a time block at a time into a marked staging store, with a
+  marker per block, so an interrupted run re-run with the same command (and unchanged files) skips the
+  blocks written; statistics are then read back from the staged fields. A block is read straight from
+  the files by xarray's lazy indexing (`BlockReader`: the values the lazy Dask Dataset describes, without
+  a Dask graph per block), checked and summed on a helper thread while the block before is written, its
+  chunk files written directly (`chunks.chunk_writer`). SIGTERM or SIGUSR1 (a batch
   system's pre-emption) stops after the current block with exit 75; the same command resumes.
 """
 
@@ -72,8 +73,8 @@ import numpy as np
 
 from dyfcli.attrs import for_writing
 from dyfcli.chunks import chunk_writer
-from dyfcli.errors import DataError, Interrupted, UsageError
-from dyfcli.runtime import fault_point, progress, stop_signals
+from dyfcli.errors import DataError, UsageError
+from dyfcli.runtime import fault_point, progress, stop_after_block, stop_signals
 from dyfcli.store import (PERIODIC_X, DataStore, claim_output, encoding_for, finalize, new_staging,
                           provenance_attrs, staging_path, validate_dataset)
 
@@ -94,6 +95,7 @@ NORMALIZATIONS = ("pixel", "global", "pixel-dayofyear")
 DAYS_OF_YEAR = 366  # rows of pixel-dayofyear statistics: day d (xarray's dayofyear) is row d - 1
 PROGRESS_DIR = ".dyf-progress"  # inside the staging store: the job's fingerprint and one marker per written block
 FILE_COORD = "dyf_file_index"  # carried along time (sorting, calendar conversion) until `to_series` drops it
+STEP_COORD = "dyf_source_step"  # the same: each step's place on the files' time axis, which `FieldFiles` index
 
 
 @dataclass
@@ -108,6 +110,10 @@ class Source:
     notes: list[str] = field(default_factory=list)
     block: int = 1  # time steps per Dask block
     step_files: list[Path] = field(default_factory=list)  # the file of every time step, for error messages
+    field_files: dict = field(default_factory=dict)  # field -> FieldFiles, for `BlockReader`
+    flip_y: bool = False  # `_flip_south_up` reversed the y axis
+    windows: list = field(default_factory=list)  # (rows, cols) slices of each series (`to_series`)
+    source_steps: np.ndarray | None = None  # (time,) STEP_COORD of the store's steps (`to_series`)
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -121,7 +127,7 @@ def prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: i
     `scheduler`: a Dask distributed scheduler address (default: env DASK_SCHEDULER_ADDRESS; none: local
     threads); its workers must see the input files (they read and decode the blocks; this process checks
     and writes them)."""
-    from dyfcli.sources.oisst import connect_scheduler
+    from dyfcli.cluster import connect_scheduler
 
     inputs = [match for text in paths for match in _matches(text)]
     with claim_output(Path(out), overwrite, inputs=inputs):  # held until the store is renamed into place
@@ -160,7 +166,8 @@ def _prepare_netcdf(paths: list[str], variables: list[str], out: Path, *, tile: 
     if tile is None and spans_360_degrees(source.x_coord):
         dataset.attrs[PERIODIC_X] = True  # networks pad x circularly (networks.wrap_x_padding)
         source.notes.append("longitudes span 360 degrees: x is periodic (dyf_periodic_x), the networks wrap around")
-    written = write(dataset, out, normalization, source.step_files, files=source.files, client=client)
+    reader = BlockReader.of(source, dataset.attrs["dyf_fields"])
+    written = write(dataset, out, normalization, reader, source.step_files, files=source.files, client=client)
     if written["filled_days"]:
         source.notes.append(f"{len(written['filled_days'])} days of year without training data took the nearest "
                             f"day's statistics: {', '.join(map(str, written['filled_days'][:10]))}"
@@ -543,7 +550,9 @@ def open_source(files: list[Path], variables: list[str], select: dict[str, str])
     block = _block_steps(first, sum(len(parts[0].data_vars) for _, parts in groups))
     attrs = {name: dict(parts[0][name].attrs) for _, parts in groups for name in parts[0].data_vars}
     ds = _join_groups([(paths, _concat_in_time(files, paths, parts, block)) for paths, parts in groups])
-    source = Source(ds, files, notes=notes, block=block)
+    ds = ds.assign_coords({STEP_COORD: ("time", np.arange(ds.sizes["time"]))})
+    source = Source(ds, files, notes=notes, block=block,
+                    field_files={name: files for _, parts in groups for name, files in _field_files(parts).items()})
     source.calendar = _calendar(ds["time"])
     source.y_coord, source.x_coord = _coordinate(ds, "y"), _coordinate(ds, "x")
     _flip_south_up(source)
@@ -611,7 +620,7 @@ def _concat_in_time(files: list[Path], paths: list[Path], parts: list, block: in
     parts = [p.chunk({"time": min(block, p.sizes["time"]), "y": -1, "x": -1})
              .assign_coords({FILE_COORD: ("time", np.full(p.sizes["time"], files.index(path)))})
              for path, p in zip(paths, parts)]
-    parts.sort(key=lambda p: _first_time(p))
+    parts.sort(key=lambda p: _first_time(p))  # stable: the order of `field_files`
     return parts[0] if len(parts) == 1 else xr.concat(parts, dim="time", data_vars="all", coords="minimal",
                                                       compat="override", join="override")
 
@@ -708,6 +717,7 @@ def _flip_south_up(source: Source) -> None:
             or coord["values"][1] > coord["values"][0]:  # a curvilinear (2-D) grid is kept as it is
         return
     source.ds = source.ds.isel(y=slice(None, None, -1))
+    source.flip_y = True
     coord["values"] = coord["values"][::-1].copy()
     source.notes.append("flipped the y axis so that it runs south to north (ascending)")
 
@@ -882,11 +892,13 @@ def to_series(source: Source, tile: int | None):
 
     if FILE_COORD in source.ds.coords:
         source.step_files = [source.files[i] for i in source.ds[FILE_COORD].values]
-    ds = source.ds.drop_vars(FILE_COORD, errors="ignore")
+    source.source_steps = np.asarray(source.ds[STEP_COORD].values)
+    ds = source.ds.drop_vars([FILE_COORD, STEP_COORD], errors="ignore")
     fields = list(ds.data_vars)
     first_valid = np.all([np.isfinite(ds[name].isel(time=0).values) for name in fields], axis=0)
     size, tiles, labels = choose_tiles(first_valid, tile, source.notes)
     windows = [(slice(r * size[0], (r + 1) * size[0]), slice(c * size[1], (c + 1) * size[1])) for r, c in tiles]
+    source.windows = windows
     pieces = [ds.isel(y=rows, x=cols).drop_vars(["y", "x"], errors="ignore")
               .assign_coords(y=np.arange(size[0]), x=np.arange(size[1])) for rows, cols in windows]
     series = xr.DataArray(labels, dims="series", name="series")
@@ -946,9 +958,103 @@ def _attach_coordinates(out, source: Source, tiles: list, size_y: int, size_x: i
         out.coords[name] = (("series", dim), values, coord["attrs"])
 
 
+# ------------------------------------------------------------------------------------------------ reads
+
+@dataclass(frozen=True)
+class FieldFiles:
+    """One field's files in time order: lazily indexed DataArrays `(time, y, x)` (xarray's own indexing,
+    no Dask) and `starts`, where each file's steps begin on the files' time axis (STEP_COORD), then the
+    total."""
+
+    arrays: tuple
+    starts: np.ndarray
+
+    def read(self, steps: np.ndarray) -> np.ndarray:
+        """The values at `steps` (increasing places on the time axis), `(time, y, x)`: one read per run of
+        consecutive steps within a file."""
+        pieces = []
+        breaks = np.flatnonzero(np.diff(steps) != 1) + 1
+        for run in np.split(steps, breaks):
+            first, last = int(run[0]), int(run[-1]) + 1
+            while first < last:
+                index = int(np.searchsorted(self.starts, first, side="right")) - 1
+                begin, stop = int(self.starts[index]), min(last, int(self.starts[index + 1]))
+                pieces.append(np.asarray(self.arrays[index].isel(time=slice(first - begin, stop - begin)).values))
+                first = stop
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _field_files(parts: list) -> dict[str, FieldFiles]:
+    """`FieldFiles` of the variables of one group's files (`canonical_file` Datasets), in the order
+    `_concat_in_time` concatenates them."""
+    ordered = sorted(parts, key=_first_time)  # stable, as `_concat_in_time`'s sort
+    starts = np.cumsum([0] + [part.sizes["time"] for part in ordered])
+    return {name: FieldFiles(tuple(part[name] for part in ordered), starts) for name in ordered[0].data_vars}
+
+
+@dataclass(frozen=True)
+class BlockReader:
+    """Time blocks of the store's fields `(series, time, y, x)` float32, read straight from the files.
+
+    The same values as computing the store Dataset's Dask arrays (the steps kept by calendar conversion,
+    the y axis flipped, the tiles cut), for a fraction of the cost: a decade of 8 WeatherBench fields
+    (benchmarks/prepare_netcdf.py) spent more time building, optimising and scheduling Dask graphs per
+    block than reading, and read each file chunk twice where blocks straddle files. Picklable, so a
+    `distributed` worker can read for us."""
+
+    fields: dict[str, FieldFiles]  # in the store's field order
+    source_steps: np.ndarray  # (time,): each store step's place on the files' time axis
+    flip_y: bool
+    windows: tuple  # (rows, cols) slices of each series
+
+    @classmethod
+    def of(cls, source: Source, fields: list[str]) -> BlockReader:
+        """The reader of `source` once `to_series` has cut it into series."""
+        return cls({name: source.field_files[name] for name in fields}, source.source_steps, source.flip_y,
+                   tuple(source.windows))
+
+    def read(self, start: int, stop: int) -> list[np.ndarray]:
+        """Store steps `start:stop` of every field."""
+        steps = self.source_steps[start:stop]
+        blocks = []
+        for files in self.fields.values():
+            values = files.read(steps)
+            if self.flip_y:
+                values = values[:, ::-1]
+            series = np.stack([values[:, rows, cols] for rows, cols in self.windows])
+            blocks.append(series.astype(np.float32, copy=False))
+        return blocks
+
+
+@dataclass
+class ReadBlock:
+    """A block as read and checked off the writing thread: values per field `(series, time, y, x)`, the
+    count of ±inf per field `(series, time)`, the moments (`_array_moments`) of its training steps."""
+
+    values: list[np.ndarray]
+    infinite: list[np.ndarray]
+    moments: dict | None
+
+
+def read_block(reader: BlockReader, start: int, stop: int, client, train: tuple[int, int] | None) -> ReadBlock:
+    """Read store steps `start:stop` (on a `distributed` worker with a `client`), count their infinities and
+    sum the moments of the steps in `train` (a range inside the block; None or empty: no moments).
+
+    Runs on prepare's reading thread: numpy releases the GIL for these sums, so they overlap the chunk
+    writes of the block before."""
+    if client is None:
+        values = reader.read(start, stop)
+    else:
+        values = client.submit(reader.read, start, stop, pure=False).result()
+    in_train = train is not None and train[0] < train[1]
+    moments = {name: _array_moments(data[:, train[0] - start:train[1] - start])
+               for name, data in zip(reader.fields, values)} if in_train else None
+    return ReadBlock(values, [np.isinf(data).sum(axis=(2, 3)) for data in values], moments)
+
+
 # ------------------------------------------------------------------------------------------------ write
 
-def write(dataset, out: Path, normalization: str, step_files: list[Path] | None = None, *,
+def write(dataset, out: Path, normalization: str, reader: BlockReader, step_files: list[Path] | None = None, *,
           files: list[Path] = (), client=None) -> dict:
     """Fields in time blocks (each checked for infinite values, and its training steps' moments summed, as it
     is written), then the statistics over the training split, into a staging store renamed into place when
@@ -965,7 +1071,7 @@ def write(dataset, out: Path, normalization: str, step_files: list[Path] | None 
     probe = DataStore(out, dataset)
     train = tuple(probe.split_ranges("train")[0][1:])
     in_pass = None if normalization == "pixel-dayofyear" else train
-    written, skipped, moments = _write_blocks(dataset, staging, marks, step_files or [], client, in_pass)
+    written, skipped, moments = _write_blocks(dataset, reader, staging, marks, step_files or [], client, in_pass)
     with warnings.catch_warnings():  # the progress folder is ours, not part of the Zarr hierarchy
         warnings.filterwarnings("ignore", message=f"Object at {PROGRESS_DIR} is not recognized")
         staged = xr.open_zarr(staging, consolidated=False, chunks=None)[dataset.attrs["dyf_fields"]]
@@ -1012,15 +1118,16 @@ def _fingerprint(dataset, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _write_blocks(dataset, staging: Path, marks: Path, step_files: list[Path], client,
+def _write_blocks(dataset, reader: BlockReader, staging: Path, marks: Path, step_files: list[Path], client,
                   train: tuple[int, int] | None) -> tuple[int, list[tuple[int, int]], dict | None]:
     """Write the time blocks without a marker. Returns how many were written, the (start, stop) of those
     skipped, and the moments (`_moments`) per field of the training steps `train` in the blocks written
     (None when none, or `train` is None).
 
-    The next block is read from the files on a helper thread while this one is checked and written (file
-    decoding and chunk writes each leave a core idle otherwise). SIGTERM/SIGUSR1 (a batch system's
-    pre-emption) stop after the current block with exit 75: the same command resumes from the markers."""
+    The next block is read from the files, checked and summed on a helper thread (`read_block`) while this
+    one is written (file decoding and chunk writes each leave a core idle otherwise). SIGTERM/SIGUSR1 (a
+    batch system's pre-emption) stop after the current block with exit 75: the same command resumes from
+    the markers."""
     from concurrent.futures import ThreadPoolExecutor
 
     bounds = np.cumsum((0, *dataset.chunks["time"]))
@@ -1029,31 +1136,33 @@ def _write_blocks(dataset, staging: Path, marks: Path, step_files: list[Path], c
     arrays = _staged_arrays(staging, dataset.attrs["dyf_fields"])
     moments = None
     with stop_signals("stopping after the current time block") as stop_requested, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyf-netcdf-reader") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyf-netcdf-reader") as thread, \
             progress("prepare netcdf: writing", len(todo), "blocks") as bar:
-        pending = reader.submit(_read_block, dataset, *todo[0][1:], client) if todo else None
-        for position, (index, start, stop) in enumerate(todo):
-            values = pending.result()
-            if position + 1 < len(todo):
-                pending = reader.submit(_read_block, dataset, *todo[position + 1][1:], client)
+
+        def read_ahead(start: int, stop: int):
             overlap = None if train is None else (max(start, train[0]), min(stop, train[1]))
-            part = _write_block(dataset, values, arrays, start, stop, step_files, overlap)
-            moments = _sum_moments(moments, part)
+            return thread.submit(read_block, reader, start, stop, client, overlap)
+
+        pending = read_ahead(*todo[0][1:]) if todo else None
+        for position, (index, start, stop) in enumerate(todo):
+            block = pending.result()
+            if position + 1 < len(todo):
+                pending = read_ahead(*todo[position + 1][1:])
+            _write_block(dataset, block, arrays, start, stop, step_files)
+            moments = _sum_moments(moments, block.moments)
             (marks / f"block-{index:06d}").touch()
             fault_point("netcdf.block_written")
             bar.advance(1)
-            if stop_requested():
-                raise Interrupted(f"stopped by {stop_requested.signal_name} after writing {position + 1} of "
-                                  f"{len(todo)} time blocks; re-run the same `dyf prepare netcdf` command to "
-                                  "write the rest")
+            stop_after_block(stop_requested, position + 1, len(todo), "dyf prepare netcdf")
     return len(todo), [block[1:] for block in blocks if block not in todo], moments
 
 
 def _sum_moments(total: dict | None, part: dict | None) -> dict | None:
-    """Per field, the element-wise sums of two `_moments` results (either may be None)."""
+    """Per field, the element-wise sums of two `_moments` results (either may be None), as numpy arrays:
+    adding DataArrays cost ~1 ms a call, 1 400 calls for a decade of 8 fields."""
     if total is None or part is None:
         return part if total is None else total
-    return {name: tuple(a + b for a, b in zip(total[name], part[name])) for name in total}
+    return {name: tuple(np.asarray(a) + np.asarray(b) for a, b in zip(total[name], part[name])) for name in total}
 
 
 def _staged_arrays(staging: Path, fields: list[str]) -> dict:
@@ -1064,49 +1173,33 @@ def _staged_arrays(staging: Path, fields: list[str]) -> dict:
     return {name: chunk_writer(zarr.open_array(store=str(staging), path=name, mode="r+")) for name in fields}
 
 
-def _read_block(dataset, start: int, stop: int, client) -> list[np.ndarray]:
-    """Time steps `start:stop` of every field, `(series, time, y, x)` numpy arrays, read from the files in
-    one Dask computation (on `client`, or local threads): a block fits in memory (BLOCK_BYTES)."""
-    import dask
-
-    block = dataset[dataset.attrs["dyf_fields"]].isel(time=slice(start, stop))
-    return list(dask.compute(*[variable.data for variable in block.data_vars.values()],
-                             **({"scheduler": client} if client is not None else {})))
-
-
-def _write_block(dataset, values: list[np.ndarray], arrays: dict, start: int, stop: int,
-                 step_files: list[Path], train: tuple[int, int] | None) -> dict | None:
-    """The block `values` (`_read_block`: steps `start:stop` of every field) into the staging store's
-    `arrays`, refused if they hold ±inf. Returns the moments per field of the steps in `train` (a range
-    inside the block; None or empty: None).
+def _write_block(dataset, block: ReadBlock, arrays: dict, start: int, stop: int, step_files: list[Path]) -> None:
+    """The `block` (`read_block`: steps `start:stop` of every field) into the staging store's `arrays`,
+    refused if it holds ±inf.
 
     Checked, summed and written as numpy arrays: building the same work as Dask graphs cost more than doing
     it (benchmarks/prepare_netcdf.py). Raw float32 values go straight into the chunk files: the template
     has no CF encoding to apply (NaN is the fill value)."""
-    fields = dataset.attrs["dyf_fields"]
-    in_train = train is not None and train[0] < train[1]
-    moments = {} if in_train else None
-    for name, data in zip(fields, values):
-        infinite = np.isinf(data).sum(axis=(2, 3))  # (series, time) counts
+    for name, data, infinite in zip(dataset.attrs["dyf_fields"], block.values, block.infinite):
         if infinite.any():
             refuse_infinite(dataset[name].isel(time=slice(start, stop)).copy(data=data), infinite,
                             step_files[start:stop])
-        if in_train:
-            moments[name] = _array_moments(data[:, train[0] - start:train[1] - start])
         arrays[name][:, start:stop] = data
-    return moments
 
 
 def _array_moments(values: np.ndarray) -> tuple:
     """`_moments` of a numpy block `(series, time, y, x)`, the same sums in the same order without
-    xarray's per-call overhead: count, sum, sum of squares over time, float64 DataArrays `(series, y, x)`."""
-    import xarray as xr
+    xarray's per-call overhead: count, sum, sum of squares over time, numpy arrays `(series, y, x)`
+    (int64, float64, float64).
 
-    values = values.astype(np.float64)
+    One float64 copy, squared in place (x * x is np.square's rounding), and NaN zeroed only when there is
+    one: the sums are bit for bit those of the plain expressions."""
     missing = np.isnan(values)
-    values[missing] = 0.0
-    sums = ((~missing).sum(axis=1), values.sum(axis=1), np.square(values).sum(axis=1))
-    return tuple(xr.DataArray(part, dims=("series", "y", "x")) for part in sums)
+    wide = values.astype(np.float64)
+    if missing.any():
+        wide[missing] = 0.0
+    count, total = (~missing).sum(axis=1), wide.sum(axis=1)
+    return count, total, np.multiply(wide, wide, out=wide).sum(axis=1)
 
 
 def _training_statistics(staged, dataset, train: tuple[int, int], normalization: str, client,
@@ -1187,7 +1280,9 @@ def _statistics(name: str, moments: tuple, normalization: str, mask) -> dict:
 
     DataError when a valid point (`mask` True) would get non-finite statistics: the loader would turn it
     into NaN or 0 silently."""
-    count, total, squares = (m.astype(np.float64) for m in moments)
+    import xarray as xr
+
+    count, total, squares = (xr.DataArray(np.asarray(m, dtype=np.float64), dims=("series", "y", "x")) for m in moments)
     n_all = float(count.sum())
     if n_all == 0:
         raise DataError(f"{name!r} has no valid value in the training split; choose other --train-until dates")

@@ -25,8 +25,10 @@ same processes. When h5py and deflate are installed, whole-day deflate chunks ar
 (`ChunkSlicer`, about 2.5x faster than HDF5's zlib) with the same raw values. With a `distributed` cluster
 (that sees the same file system) each block is one Dask task that reads and writes. Progress markers inside
 the staging directory let an interrupted run, re-run with the same command, skip the blocks it already
-wrote. The output does not depend on the number of workers or on the reading path. Reading processes
-watch the dyf process that started them and exit when it ends, even by kill -9 (`exit_with_process`).
+wrote; SIGTERM or SIGUSR1 (a batch system's pre-emption) stop after the current block (or box's statistics)
+with exit 75, as `prepare netcdf` (reading processes leave these signals to dyf). The output does not
+depend on the number of workers or on the reading path. Reading processes watch the dyf process that
+started them and exit when it ends, even by kill -9 (`exit_with_process`).
 
 Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split only, ddof 0 as in xarray:
 * a day of year with no training data at an ocean pixel (e.g. 366 when few leap years are in training)
@@ -38,6 +40,7 @@ Statistics (`dyf_normalization = "pixel-dayofyear"`), over the training split on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -51,7 +54,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +62,9 @@ from pathlib import Path
 import numpy as np
 
 from dyfcli.attrs import for_writing
+from dyfcli.cluster import connect_scheduler
 from dyfcli.errors import DataError, UsageError
-from dyfcli.runtime import progress
+from dyfcli.runtime import fault_point, ignore_stop_signals, progress, stop_after_block, stop_signals
 from dyfcli.splits import time_splits
 from dyfcli import outputs
 from dyfcli import store as data_store
@@ -811,22 +815,6 @@ def write_box_statistics(staging: str, series: int, train_start: int, train_stop
 
 # ----------------------------------------------------------------------------------------------- scheduling
 
-def connect_scheduler(address: str | None):
-    """A `distributed.Client` for `address` (or env DASK_SCHEDULER_ADDRESS); None for local threads."""
-    address = address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-    if not address:
-        return None
-    try:
-        from distributed import Client
-    except ImportError:
-        raise UsageError(f"--scheduler {address} needs the Dask 'distributed' package: pip install distributed") from None
-    try:
-        return Client(address, timeout="15s", set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as err:
-        raise UsageError(f"cannot reach the Dask scheduler at {address} ({err}); check --scheduler "
-                         "or DASK_SCHEDULER_ADDRESS") from None
-
-
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a batch job's allocation)."""
     try:
@@ -854,7 +842,7 @@ def local_processes(workers: int):
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=exit_with_process,
+    pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=start_reading_process,
                                initargs=(os.getpid(),))
     try:
         for _ in range(workers):  # each submit while no process is idle starts one more
@@ -872,6 +860,13 @@ def _process_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["netCDF4", __name__] + (["h5py", "deflate"] if chunk_reading_available() else []))
     return context
+
+
+def start_reading_process(pid: int) -> None:
+    """Pool initializer: leave the stop signals to dyf, which stops after the current block (a batch system
+    signals every process of the job; a reader killed by it would break the pool), and end with dyf."""
+    ignore_stop_signals()
+    exit_with_process(pid)
 
 
 def exit_with_process(pid: int) -> None:
@@ -908,6 +903,9 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+StopCheck = Callable[[int, int], None]  # stop_check(done, total): raises Interrupted once a stop signal came
+
+
 def ordered_results(pool, function, calls: Iterable[tuple], in_flight: int) -> Iterator:
     """`function(*args)` for each `args` of `calls`, yielded in order. With a pool, at most `in_flight`
     calls are queued or running at once (bounding the memory their results take); without, one by one here."""
@@ -931,26 +929,39 @@ def ordered_results(pool, function, calls: Iterable[tuple], in_flight: int) -> I
         yield result
 
 
-def write_blocks_locally(staging: str, reader: Reader, jobs: list[BlockJob], pool, in_flight: int, bar) -> None:
+def write_blocks_locally(staging: str, reader: Reader, jobs: list[BlockJob], pool, in_flight: int, bar,
+                         stop_check: StopCheck = lambda done, total: None) -> None:
     """Read blocks in the pool's processes (HDF5 cannot read in threads) and write each here, in time order,
-    so an interruption leaves finished blocks with their markers. At most `in_flight` blocks are pending."""
+    so an interruption leaves finished blocks with their markers. At most `in_flight` blocks are pending.
+    `stop_check(done, total)` after each block raises to stop there (`stop_after_block`)."""
     calls = ((reader, job.days, job.length) for job in jobs)
-    for job, values in zip(jobs, ordered_results(pool, read_block, calls, in_flight)):
+    for done, (job, values) in enumerate(zip(jobs, ordered_results(pool, read_block, calls, in_flight)), start=1):
         write_block(staging, values, job.start, job.marker)
+        fault_point("sst.block_written")
         bar.advance(1)
+        stop_check(done, len(jobs))
 
 
-def run_tasks(tasks: list, client, description: str, unit: str) -> list:
-    """Compute Dask delayed tasks on a `distributed` client, advancing a progress bar as each ends."""
+def run_tasks(tasks: list, client, description: str, unit: str,
+              stop_check: StopCheck = lambda done, total: None) -> list:
+    """Compute Dask delayed tasks on a `distributed` client, advancing a progress bar as each ends.
+
+    `stop_check(done, total)` after each task raises to stop there: the tasks not yet started are cancelled (each
+    task leaves its own marker, so those that end after it are not lost either)."""
     from distributed import as_completed
 
     if not tasks:
         return []
     with progress(description, len(tasks), unit) as bar:
         futures = client.compute(tasks)
-        for future in as_completed(futures, loop=client.loop):
-            future.result()
-            bar.advance(1)
+        try:
+            for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
+                future.result()
+                bar.advance(1)
+                stop_check(done, len(futures))
+        except BaseException:
+            client.cancel(futures)
+            raise
         return [future.result() for future in futures]
 
 
@@ -1237,19 +1248,21 @@ def _write_store(plan: Plan, recipe: dict, out: Path, client, workers: int, star
     staging = data_store.staging_path(out)
     workers = 1 if client is not None else min(workers, plan.n_blocks)
     in_flight = TASKS_PER_WORKER * workers
-    with local_processes(workers) as pool:
+    with stop_signals("stopping after the current block") as stop_requested, local_processes(workers) as pool:
         marks, resumed = prepare_staging(staging, plan, recipe, store_attrs(plan, recipe))
         jobs, skipped = _block_jobs(plan, marks)
         description = f"sst {len(plan.boxes)} boxes"
+        stop_check = functools.partial(stop_after_block, stop_requested, command="dyf prepare sst")
         if client is not None:
             import dask
 
             tasks = [dask.delayed(read_and_write_block, pure=False)(str(staging), plan.reader, job) for job in jobs]
-            run_tasks(tasks, client, description, "blocks")
+            run_tasks(tasks, client, description, "blocks", stop_check)
         elif jobs:
             with progress(description, len(jobs), "blocks") as bar:
-                write_blocks_locally(str(staging), plan.reader, jobs, pool, in_flight, bar)
-        stats = _statistics(plan, staging, marks, client, pool, in_flight)
+                write_blocks_locally(str(staging), plan.reader, jobs, pool, in_flight, bar, stop_check)
+        stats = _statistics(plan, staging, marks, client, pool, in_flight,
+                            functools.partial(stop_check, blocks="boxes' statistics"))
     _finish(staging, out, marks)
     summary = _summary(plan, out, len(jobs), skipped, stats, resumed, time.monotonic() - started)
     summary["workers"] = None if client is not None else workers  # local reading processes (None: the cluster)
@@ -1276,8 +1289,10 @@ def _block_jobs(plan: Plan, marks: Path) -> tuple[list[BlockJob], int]:
     return jobs, skipped
 
 
-def _statistics(plan: Plan, staging: Path, marks: Path, client, pool, in_flight: int) -> dict:
-    """One statistics task per box (on the cluster, in the local processes, or here); markers skip done boxes."""
+def _statistics(plan: Plan, staging: Path, marks: Path, client, pool, in_flight: int,
+                stop_check: StopCheck = lambda done, total: None) -> dict:
+    """One statistics task per box (on the cluster, in the local processes, or here); markers skip done boxes.
+    `stop_check(done, total)` after each box raises to stop there."""
     if plan.standardized:
         return {"filled_days": [], "floored": 0}
     start, stop = plan.train_range
@@ -1294,12 +1309,14 @@ def _statistics(plan: Plan, staging: Path, marks: Path, client, pool, in_flight:
         import dask
 
         tasks = [dask.delayed(write_box_statistics, pure=False)(*args) for args in calls]
-        results += run_tasks(tasks, client, "sst statistics", "boxes")
+        results += run_tasks(tasks, client, "sst statistics", "boxes", stop_check)
     elif calls:
         with progress("sst statistics", len(calls), "boxes") as bar:
-            for result in ordered_results(pool, write_box_statistics, calls, in_flight):
+            for done, result in enumerate(ordered_results(pool, write_box_statistics, calls, in_flight), start=1):
                 results.append(result)
+                fault_point("sst.statistics_written")
                 bar.advance(1)
+                stop_check(done, len(calls))
     return {"filled_days": sorted({d for r in results for d in r["filled_days"]}),
             "floored": int(sum(r["floored"] for r in results))}
 
