@@ -1,7 +1,6 @@
 """`dyf prepare netcdf` at scale (issue 9, items 7 and 8): day-of-year normalisation, resumable writing
 in time blocks, a Dask distributed scheduler."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -173,15 +172,18 @@ def test_changed_input_starts_afresh(tmp_path, monkeypatch):
 
 
 def test_scheduler_without_distributed_is_a_usage_error(dyf, tmp_path):
-    if importlib.util.find_spec("distributed") is not None:
-        pytest.skip("distributed is installed: the message for a missing package cannot show")
+    """CI installs `distributed` (the test extra): hide it to see the message a user without it gets."""
+    hidden = tmp_path / "hidden" / "distributed"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    without = {"PYTHONPATH": str(hidden.parent)}
     pattern, _, _ = six_hourly_years(tmp_path, years=(2019, 2020))
     proc = dyf("prepare", "netcdf", pattern, "--var", "t2m", "--out", str(tmp_path / "s.zarr"),
-               "--scheduler", "tcp://127.0.0.1:8786", check=2)
+               "--scheduler", "tcp://127.0.0.1:8786", check=2, env=without)
     assert "pip install distributed" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "s.zarr").exists()
     proc = dyf("prepare", "netcdf", pattern, "--var", "t2m", "--out", str(tmp_path / "s.zarr"), check=2,
-               env={"DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:8786"})  # the default, as for prepare sst
+               env={**without, "DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:8786"})  # the default, as for prepare sst
     assert "--scheduler tcp://127.0.0.1:8786 needs the Dask 'distributed' package" in proc.stderr
 
 
