@@ -455,7 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=None,
                         help="Dropout baseline's dropout (default: the official per data set, 0.05 spring mesh, 0.2 NS)")
     parser.add_argument("--sigma", default="auto", help="Perturbation's noise (normalised units), or 'auto'")
-    parser.add_argument("--sigma-grid", default="0.01,0.03,0.1,0.3",
+    parser.add_argument("--sigma-grid", default="0.01,0.03,0.1,0.3,1,3",
                         type=lambda text: [float(v) for v in text.split(",")], help="sigmas tried by --sigma auto")
     parser.add_argument("--mcvd-sampling-steps", type=int, default=1000, help="MCVD's sampled levels of 1000")
     parser.add_argument("--ddpm-sampling-steps", type=int, default=50, help="DDIM steps of DDPM's 1000")
