@@ -254,17 +254,18 @@ class ChunkFileWriter:
     codecs are `bytes` (little-endian) then `crc32c`: each chunk file is the raw values followed by their
     CRC-32C, byte for byte as zarr writes it (`read_errors` readers and zarr verify it), for ~60 % of
     zarr-python's CPU time (its async codec pipeline): 14 600 chunks of 64 KB, a decade of 8 fields in
-    benchmarks/prepare_netcdf.py, took 3.5 CPU s instead of 5.7. `start` must fall on a chunk boundary, `stop` too unless it is
-    the end of the array: the last chunk is padded with the fill value, as zarr stores edge chunks.
+    benchmarks/prepare_netcdf.py, took 3.5 CPU s instead of 5.7 (the files are written by `WholeChunkFiles`).
+    `start` must fall on a chunk boundary, `stop` too unless it is the end of the array: the last chunk is
+    padded with the fill value, as zarr stores edge chunks.
 
     Not atomic per file: callers mark a block done only after its writes return (prepare's progress
     markers), so a chunk cut short by a kill is rewritten when the job resumes."""
 
-    def __init__(self, array):
+    def __init__(self, array, files: WholeChunkFiles):
         self.shape, self.steps = tuple(array.shape), int(array.chunks[1])
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = array.fill_value
-        self.files = WholeChunkFiles(array, compressor=None)
+        self.files = files  # the array's uncompressed `whole_chunk_files`
 
     def __setitem__(self, key: tuple[slice, slice], values: np.ndarray) -> None:
         series, steps = key
@@ -301,16 +302,26 @@ def chunk_file_folder(array) -> Path | None:
 
 
 def chunk_writer(array):
-    """A `ChunkFileWriter` when the array's layout allows it (`chunk_file_folder`; codecs exactly `bytes`
-    little-endian, then `crc32c`), else the zarr array itself (same indexing)."""
-    from zarr.codecs import Crc32cCodec
-
-    codecs = list(getattr(array.metadata, "codecs", None) or [])
-    plain = (len(codecs) == 2 and getattr(codecs[0].endian, "value", codecs[0].endian) != "big"
-             and isinstance(codecs[1], Crc32cCodec))
-    if chunk_file_folder(array) is None or not plain:
+    """A `ChunkFileWriter` when the array is chunked `(1, k, Y, X)` (`chunk_file_folder`) and its chunks are
+    written as files without compression (`whole_chunk_files`: codecs `bytes` little-endian, then `crc32c`),
+    else the zarr array itself (same indexing)."""
+    files = whole_chunk_files(array)
+    if chunk_file_folder(array) is None or files is None or files.compressor is not None:
         return array
-    return ChunkFileWriter(array)
+    return ChunkFileWriter(array, files)
+
+
+CRC32C_RESIDUE = 0x48674BC7  # the CRC-32C of any bytes followed by their own little-endian CRC-32C
+
+
+def check_crc32c(raw) -> None:
+    """Raise ValueError unless `raw` (bytes or a uint8 array) ends with the little-endian CRC-32C of what
+    precedes it, zarr's `crc32c` codec: the CRC of the whole chunk is then always `CRC32C_RESIDUE`, so it
+    is checked in place, without copying the data out first (a third of the check's cost)."""
+    import google_crc32c
+
+    if len(raw) < 4 or google_crc32c.value(raw) != CRC32C_RESIDUE:
+        raise ValueError("stored and computed crc32c checksums do not match")
 
 
 class WholeChunkFiles:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dyfcli.errors import ConfigError, DataError, DyfError, UsageError
-from dyfcli.chunks import chunk_file_folder, read_errors
+from dyfcli.chunks import check_crc32c, chunk_file_folder, read_errors
 from dyfcli.store import DataStore, open_store
 
 DAYS_IN_LEAP_YEAR = 366
@@ -383,22 +383,11 @@ class ChunkFileReader:
 
 
 class _Crc32cCheck:
-    """Zarr's `crc32c` codec, decoding only: check and strip the chunk's trailing 4-byte checksum.
-
-    The CRC of data followed by its own little-endian CRC-32C is always the constant `RESIDUE`, so the
-    whole chunk is checked in place, without copying the data out first (a third of the check's cost).
-    """
-
-    RESIDUE = 0x48674BC7
-
-    def __init__(self):
-        import google_crc32c
-
-        self.checksum = google_crc32c.value
+    """Zarr's `crc32c` codec, decoding only: check (`chunks.check_crc32c`) and strip the chunk's trailing
+    4-byte checksum."""
 
     def decode(self, raw: bytes) -> memoryview:
-        if len(raw) < 4 or self.checksum(raw) != self.RESIDUE:
-            raise ValueError("stored and computed crc32c checksums do not match")
+        check_crc32c(raw)
         return memoryview(raw)[:-4]
 
 

@@ -362,7 +362,6 @@ def _inverse_std(inputs: Inputs, field: str, truth_series: int, times: np.ndarra
 # ----------------------------------------------------------------------------------------------- block files
 
 _THREAD = threading.local()  # each reading thread's buffer for the bytes of a chunk file
-CRC32C_RESIDUE = 0x48674BC7  # the CRC-32C of any bytes followed by their own little-endian CRC-32C
 ZSTD_MAGIC = 0xFD2FB528
 
 
@@ -383,11 +382,10 @@ class BlockFiles:
 
     def read(self, series: int, init: int) -> np.ndarray:
         """The block as float32 (M, L, Y, X); ValueError/OSError for a damaged or missing chunk file."""
-        import google_crc32c
+        from dyfcli.chunks import check_crc32c
 
         raw = _file_bytes(self.folder / self.keys.encode_chunk_key((series, init, 0, 0, 0, 0)))
-        if raw.size < 4 or google_crc32c.value(raw) != CRC32C_RESIDUE:
-            raise ValueError("stored and computed crc32c checksums do not match")
+        check_crc32c(raw)
         block = np.empty(self.shape, np.float32)
         _decode_into(raw[:-4], block, self.compressed)
         return block
@@ -411,30 +409,25 @@ def _decode_into(payload: np.ndarray, block: np.ndarray, compressed: bool) -> No
 
 
 def _block_files(forecast_path: Path, fields: list[str]) -> dict[str, BlockFiles]:
-    """{field: BlockFiles} for the fields whose blocks can be read from their files: a local, unsharded
-    Zarr v3 float32 array with one chunk per block and codecs `bytes` (little-endian), optionally `zstd`,
-    then `crc32c` (what `forecast_store` writes). Each array's own zarr.json is read (damage: DataError)."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-
-    from dyfcli.chunks import open_array, read_errors
+    """{field: BlockFiles} for the fields whose blocks can be read from their files: float32, one chunk per
+    block, in the layout dyf writes as files (`chunks.whole_chunk_files`: a local, unsharded Zarr v3 array
+    with codecs `bytes` little-endian, optionally `zstd`, then `crc32c`; what `forecast_store` writes). Each
+    array's own zarr.json is read (damage: DataError)."""
+    from dyfcli.chunks import open_array, read_errors, whole_chunk_files
     from dyfcli.forecast_store import FIX
 
     files = {}
     for name in fields:
         with read_errors(forecast_path, repr(name), FIX):
             array = open_array(forecast_path, name)
-        metadata = array.metadata
-        codecs = list(getattr(metadata, "codecs", None) or [])
-        names = [type(codec) for codec in codecs]
-        endian = getattr(getattr(codecs[0], "endian", None), "value", None) if codecs else None
-        if (getattr(metadata, "zarr_format", None) != 3 or getattr(array.store, "root", None) is None
-                or array.shards is not None or np.dtype(array.dtype) != np.float32 or endian != "little"
-                or tuple(array.chunks) != (1, 1, *array.shape[2:])
-                or names not in ([BytesCodec, Crc32cCodec], [BytesCodec, ZstdCodec, Crc32cCodec])):
-            log.debug("%s: %r is read through zarr (layout %s, codecs %s)", forecast_path, name, array.chunks, names)
+        chunk_files = whole_chunk_files(array)
+        if (chunk_files is None or np.dtype(array.dtype) != np.float32
+                or tuple(array.chunks) != (1, 1, *array.shape[2:])):
+            log.debug("%s: %r is read through zarr (layout %s, codecs %s)", forecast_path, name, array.chunks,
+                      [type(codec).__name__ for codec in getattr(array.metadata, "codecs", None) or []])
             continue
-        files[name] = BlockFiles(Path(array.store.root) / array.path, tuple(array.shape[2:]),
-                                 metadata.chunk_key_encoding, ZstdCodec in names)
+        files[name] = BlockFiles(Path(chunk_files.root), tuple(array.shape[2:]), array.metadata.chunk_key_encoding,
+                                 chunk_files.compressor is not None)
     return files
 
 
